@@ -1,0 +1,104 @@
+"""One settings object for every m2io process, read from `M2IO_*` environment variables.
+
+Precedence: real environment > `<state dir>/cluster.env` (written by `m2io up` with the URLs and
+generated keys of the local cluster) > the defaults below. `get_settings()` is cached per process;
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values people paste from examples; a deployment that still carries one is refused at start-up.
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "change_me", "changethis", "secret", "password"})
+
+CLUSTER_ENV_FILE = "cluster.env"
+
+
+def state_dir_from_env() -> Path:
+    return Path(os.environ.get("M2IO_STATE_DIR", ".m2io")).resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="M2IO_", extra="ignore", env_file_encoding="utf-8")
+
+    state_dir: Path = Field(default=Path(".m2io"), description="where `m2io up` keeps data, logs and pids")
+
+    # None means: the local cluster (`m2io up`) provides it.
+    database_url: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str | None = Field(default=None, description="host:port of an S3 server (MinIO, SeaweedFS)")
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "m2io"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # Ports of the local cluster's own servers (used only when the corresponding URL is unset).
+    local_postgres_port: int = 55432
+    local_redis_port: int = 56379
+    local_s3_port: int = 58333
+
+    # Celery: with the Redis broker an unacknowledged message whose worker died is delivered again
+    # after this many seconds. It must exceed the longest stage task, or a slow task is re-run
+    # while still running (tasks are idempotent, so that costs time, not correctness).
+    visibility_timeout_s: int = 300
+
+    # Model choices (the stages that use them land in later issues).
+    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    generator_backend: str = "extractive"
+    inserter_backend: str = "rule"
+    llm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8501
+    dashboard_password: SecretStr | None = None
+
+    @field_validator("s3_secret_key", "dashboard_password")
+    @classmethod
+    def refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("is a placeholder; set a real secret (see .env.example)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def use_psycopg3_driver(cls, value: str | None) -> str | None:
+        # Users paste plain `postgresql://` URLs; SQLAlchemy would pick psycopg2, which we do not ship.
+        if value and value.startswith("postgresql://"):
+            return "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        if value and value.startswith("postgres://"):
+            return "postgresql+psycopg://" + value.removeprefix("postgres://")
+        return value
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError("no database configured: run `m2io up` or set M2IO_DATABASE_URL")
+        return self.database_url
+
+    def require_s3(self) -> tuple[str, str, str]:
+        if not (self.s3_endpoint and self.s3_access_key and self.s3_secret_key):
+            raise RuntimeError(
+                "no S3 server configured: run `m2io up` or set M2IO_S3_ENDPOINT, M2IO_S3_ACCESS_KEY, "
+                "M2IO_S3_SECRET_KEY"
+            )
+        return self.s3_endpoint, self.s3_access_key, self.s3_secret_key.get_secret_value()
+
+
+def load_settings() -> Settings:
+    """Fresh settings: environment first, then the local cluster's env file, then defaults."""
+    state_dir = state_dir_from_env()
+    env_file = state_dir / CLUSTER_ENV_FILE
+    settings = Settings(_env_file=env_file if env_file.exists() else None)
+    settings.state_dir = state_dir
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,127 @@
+"""Stage-run bookkeeping: every attempt of a stage on a query is a row with start, end, worker, error.
+
+The rules (DESIGN.md, reliability):
+- a redelivered message finds the stage already succeeded and does nothing new;
+- an attempt left `running` by a worker that died is marked `lost` when the message comes back;
+- at most one attempt per (query, stage) succeeds: a unique partial index enforces it, and an
+  attempt that loses that race is marked `superseded`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from services.common.db import session_scope
+from services.common.models import DeadLetter, Query, StageRun
+
+MAX_RECORDED_PAYLOAD = 10_000  # characters of a refused message kept for the operator
+MAX_ERROR_LENGTH = 4_000
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class QueryNotFound(LookupError):
+    pass
+
+
+def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> StageRun | None:
+    """Record a new running attempt; None when this stage already succeeded for the query."""
+    with session_scope() as session:
+        # Serialise attempts of one query: a row lock on the query.
+        query = session.execute(
+            select(Query).where(Query.id == query_id).with_for_update()
+        ).scalar_one_or_none()
+        if query is None:
+            raise QueryNotFound(f"query {query_id} does not exist")
+        done = session.execute(
+            select(StageRun.id).where(
+                StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "succeeded"
+            )
+        ).first()
+        if done:
+            return None
+        session.execute(
+            update(StageRun)
+            .where(StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "running")
+            .values(status="lost", finished_at=now(), error="worker died or message was redelivered")
+        )
+        last = session.execute(
+            select(func.max(StageRun.attempt)).where(StageRun.query_id == query_id, StageRun.stage == stage)
+        ).scalar()
+        run = StageRun(
+            query_id=query_id, stage=stage, attempt=(last or 0) + 1, status="running", worker=worker
+        )
+        session.add(run)
+        if query.status in ("queued", "running"):
+            query.status = "running"
+        session.flush()
+        return run
+
+
+def succeed_attempt(run_id: int, output: dict[str, Any]) -> bool:
+    """Mark the attempt succeeded; False when another attempt of the same stage won the race."""
+    try:
+        with session_scope() as session:
+            session.execute(
+                update(StageRun)
+                .where(StageRun.id == run_id)
+                .values(status="succeeded", finished_at=now(), output=output, error=None)
+            )
+    except IntegrityError:
+        with session_scope() as session:
+            session.execute(
+                update(StageRun)
+                .where(StageRun.id == run_id)
+                .values(
+                    status="superseded",
+                    finished_at=now(),
+                    error="another attempt of this stage succeeded first",
+                )
+            )
+        return False
+    return True
+
+
+def fail_attempt(run_id: int, error: str, *, retrying: bool) -> None:
+    """A failed attempt. Unless it will be retried, the query fails with the same readable message."""
+    with session_scope() as session:
+        run = session.get(StageRun, run_id)
+        if run is None:
+            return
+        run.status = "retrying" if retrying else "failed"
+        run.finished_at = now()
+        run.error = error[:MAX_ERROR_LENGTH]
+        if not retrying:
+            query = session.get(Query, run.query_id)
+            if query is not None:
+                query.status = "failed"
+                query.error = f"{run.stage}: {error}"[:MAX_ERROR_LENGTH]
+
+
+def record_dead_letter(
+    task_name: str, payload: Any, error: str, *, queue: str | None, task_id: str | None, worker: str | None
+) -> int:
+    try:
+        text = json.dumps(payload, default=repr)
+    except (TypeError, ValueError):
+        text = repr(payload)
+    with session_scope() as session:
+        letter = DeadLetter(
+            task_name=task_name,
+            queue=queue,
+            task_id=task_id,
+            payload=text[:MAX_RECORDED_PAYLOAD],
+            error=error[:MAX_ERROR_LENGTH],
+            worker=worker,
+        )
+        session.add(letter)
+        session.flush()
+        return letter.id

@@ -1,0 +1,189 @@
+"""The task policy every stage shares (queue, acks, retries, payload validation), in one decorator.
+
+A stage's `tasks.py` stays thin: it names the payload contract and a function that does the work;
+`stage_task` validates, records the attempt, retries only named transient errors, and records a
+refused message as a dead letter instead of letting it crash or loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import urllib3.exceptions
+from celery import Task
+from celery.signals import task_rejected, task_unknown
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from services.common.celery_app import app
+from services.common.contracts import Contract
+from services.common.queues import Stage
+from services.common.stage_runs import (
+    QueryNotFound,
+    begin_attempt,
+    fail_attempt,
+    record_dead_letter,
+    succeed_attempt,
+)
+
+log = logging.getLogger(__name__)
+
+# Errors worth another try: the service is back in seconds. Everything else is permanent.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    urllib3.exceptions.MaxRetryError,
+    urllib3.exceptions.ProtocolError,
+    ConnectionError,
+    TimeoutError,
+    socket.timeout,
+)
+MAX_TRANSIENT_RETRIES = 8  # with backoff capped at 60 s: about five minutes of outage is ridden out
+
+
+class RefusedMessage(ValueError):
+    """The message cannot be processed as sent (bad payload, unknown query): never retried."""
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, TRANSIENT_ERRORS)
+
+
+def worker_name(task: Task) -> str:
+    return task.request.hostname or socket.gethostname()
+
+
+def payload_of(args: tuple, kwargs: dict) -> Any:
+    """Producers send one JSON object as the single positional argument."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and kwargs:
+        return kwargs
+    raise RefusedMessage(
+        f"expected one JSON object, got {len(args)} positional and {len(kwargs)} keyword arguments"
+    )
+
+
+def stage_task(
+    stage: Stage,
+    operation: str,
+    contract: type[Contract],
+    then: Callable[[Any], None] | None = None,
+) -> Callable[[Callable[[Any, Task], dict[str, Any]]], Task]:
+    """Register `work(payload, task) -> output` as the task `<stage>.<operation>` on the stage's queue.
+
+    The payload must carry `query_id`: the attempt is recorded as a stage run of that query. After
+    success, `then(payload)` enqueues the next hop. A redelivered message whose stage already
+    succeeded skips `work` but calls `then` again: the first delivery may have died between
+    storing its output and enqueueing the next stage, and the next stage is idempotent.
+    """
+
+    def decorate(work: Callable[[Any, Task], dict[str, Any]]) -> Task:
+        @app.task(
+            name=f"{stage.value}.{operation}",
+            bind=True,
+            queue=stage.queue,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            typing=False,  # arguments are validated by the contract, into a dead letter if wrong
+            max_retries=MAX_TRANSIENT_RETRIES,
+        )
+        def run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            raw = None
+            try:
+                raw = payload_of(args, kwargs)
+                payload = contract.model_validate(raw)
+            except (RefusedMessage, ValidationError) as error:
+                return refuse(task, raw if raw is not None else {"args": args, "kwargs": kwargs}, error)
+            try:
+                attempt = begin_attempt(payload.query_id, stage.value, worker_name(task))
+            except QueryNotFound as error:
+                return refuse(task, raw, error)
+            except Exception as error:
+                if is_transient(error):
+                    raise task.retry(exc=error, countdown=backoff(task)) from error
+                raise
+            if attempt is None:
+                log.info("%s: already succeeded for query %s; nothing new to do", task.name, payload.query_id)
+                hand_on(task, then, payload)
+                return {"query_id": str(payload.query_id), "already_done": True}
+            try:
+                output = work(payload, task)
+            except Exception as error:
+                transient = is_transient(error) and task.request.retries < task.max_retries
+                fail_attempt(attempt.id, f"{type(error).__name__}: {error}", retrying=transient)
+                if transient:
+                    raise task.retry(exc=error, countdown=backoff(task)) from error
+                # A permanent error is recorded on the query and acknowledged: the job goes on.
+                log.exception("%s failed permanently for query %s", task.name, payload.query_id)
+                return {"query_id": str(payload.query_id), "failed": str(error)}
+            if succeed_attempt(attempt.id, output):
+                hand_on(task, then, payload)
+            return {"query_id": str(payload.query_id), **output}
+
+        return run
+
+    return decorate
+
+
+def hand_on(task: Task, then: Callable[[Any], None] | None, payload: Any) -> None:
+    """Enqueue the next hop. If the broker is unreachable, retry this task: the redelivery finds
+    the stage done and only enqueues again, so no query is left stranded between two stages."""
+    if then is None:
+        return
+    try:
+        then(payload)
+    except Exception as error:
+        log.warning("%s: could not enqueue the next stage (%s); retrying", task.name, error)
+        raise task.retry(exc=error, countdown=backoff(task)) from error
+
+
+def backoff(task: Task) -> int:
+    return min(60, 2 ** (task.request.retries + 1))
+
+
+def refuse(task: Task, raw: Any, error: BaseException) -> dict[str, Any]:
+    message = f"{type(error).__name__}: {error}"
+    letter_id = record_dead_letter(
+        task.name,
+        raw,
+        message,
+        queue=(task.request.delivery_info or {}).get("routing_key"),
+        task_id=task.request.id,
+        worker=worker_name(task),
+    )
+    log.error("%s refused message %s (dead letter %s): %s", task.name, task.request.id, letter_id, message)
+    return {"refused": message, "dead_letter_id": letter_id}
+
+
+@task_unknown.connect
+def record_unknown_task(sender=None, name=None, id=None, message=None, exc=None, **_: Any) -> None:  # noqa: A002
+    body = getattr(message, "body", b"")
+    record_dead_letter(
+        name or "?",
+        body.decode("utf-8", "replace") if isinstance(body, bytes) else body,
+        f"unknown task name {name!r}: no m2io task has it",
+        queue=None,
+        task_id=id,
+        worker=None,
+    )
+
+
+@task_rejected.connect
+def record_rejected_message(sender=None, message=None, exc=None, **_: Any) -> None:
+    headers = getattr(message, "headers", {}) or {}
+    record_dead_letter(
+        headers.get("task", "?"),
+        repr(getattr(message, "body", ""))[:2000],
+        f"message refused before decoding: {exc}",
+        queue=None,
+        task_id=headers.get("id"),
+        worker=None,
+    )
