@@ -32,7 +32,11 @@ def configure(app: Celery) -> None:
         # State lives in Postgres (stage runs), not in a result backend.
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,  # sweep on every interval, not every tenth
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,

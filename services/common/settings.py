@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # after this many seconds. It must exceed the longest stage task, or a slow task is re-run
     # while still running (tasks are idempotent, so that costs time, not correctness).
     visibility_timeout_s: int = 300
+    # How often each worker sweeps for such messages (kombu's default sweep is ~100 s).
+    unacked_restore_interval_s: int = 10
 
     # Model choices (the stages that use them land in later issues).
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
