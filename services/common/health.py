@@ -1,0 +1,79 @@
+"""Health probes of the servers and workers, shared by `m2io ps` and the dashboard.
+
+Each probe returns a `Probe`: healthy or not, and a detail a person can act on. Probes never raise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+import redis
+
+from services.common.queues import Stage
+from services.common.settings import Settings
+
+
+@dataclass(frozen=True)
+class Probe:
+    healthy: bool
+    detail: str
+
+
+def probe_postgres(url: str | None) -> Probe:
+    if not url:
+        return Probe(False, "no database URL configured")
+    plain = url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(plain, connect_timeout=2) as conn:
+            version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    except psycopg.Error as error:
+        return Probe(False, str(error).strip().splitlines()[0])
+    return Probe(True, f"pgvector {version[0]}" if version else "pgvector not installed yet (run migrations)")
+
+
+def probe_redis(url: str) -> Probe:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except redis.RedisError as error:
+        return Probe(False, str(error))
+    return Probe(True, "answers ping")
+
+
+def probe_s3(settings: Settings) -> Probe:
+    from services.common.storage import ObjectStore
+
+    try:
+        store = ObjectStore.from_settings(settings)
+        found = store.client.bucket_exists(store.bucket)
+    except Exception as error:  # noqa: BLE001 - any failure (auth, network, config) is the finding
+        return Probe(False, f"{type(error).__name__}: {error}")
+    return Probe(True, f"bucket {store.bucket}") if found else Probe(False, f"bucket {store.bucket} missing")
+
+
+def online_workers(redis_url: str, timeout: float = 1.5) -> tuple[set[str], str | None]:
+    """Names of the workers that answer a broadcast ping, and the error if the broker is down."""
+    from celery import Celery
+
+    probe = Celery("m2io-health", broker=redis_url)
+    try:
+        replies = probe.control.ping(timeout=timeout) or []
+    except Exception as error:  # noqa: BLE001 - a dead broker means no worker is reachable
+        return set(), f"{type(error).__name__}: {error}"
+    finally:
+        probe.close()
+    return {name for reply in replies for name in reply}, None
+
+
+def workers_of(stage: Stage, online: set[str]) -> list[str]:
+    """Workers are named `<stage>@<host>` (or `<stage>-N@<host>`)."""
+    return sorted(name for name in online if name.split("@", 1)[0].split("-", 1)[0] == stage.value)
+
+
+def queue_depths(redis_url: str) -> dict[str, int | None]:
+    """Messages waiting in each stage's queue (None when Redis does not answer)."""
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+        return {stage.queue: int(client.llen(stage.queue)) for stage in Stage}
+    except redis.RedisError:
+        return {stage.queue: None for stage in Stage}
