@@ -18,9 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-migrate_app = typer.Typer(
-    help="Database schema (Alembic): upgrade, downgrade, current revision.", no_args_is_help=True
-)
+# No subcommand: upgrade to head (what compose's one-shot migrate service runs).
+migrate_app = typer.Typer(help="Database schema (Alembic): upgrade (the default), downgrade, current revision.")
 app.add_typer(migrate_app, name="migrate")
 console = Console()
 errors = Console(stderr=True)

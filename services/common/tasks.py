@@ -71,18 +71,15 @@ def payload_of(args: tuple, kwargs: dict) -> Any:
     )
 
 
-def stage_task(
-    stage: Stage,
-    operation: str,
-    contract: type[Contract],
-    then: Callable[[Any], None] | None = None,
+def queue_task(
+    stage: Stage, operation: str, contract: type[Contract]
 ) -> Callable[[Callable[[Any, Task], dict[str, Any]]], Task]:
-    """Register `work(payload, task) -> output` as the task `<stage>.<operation>` on the stage's queue.
+    """Register `work(payload, task) -> dict` as the task `<stage>.<operation>` on the stage's queue.
 
-    The payload must carry `query_id`: the attempt is recorded as a stage run of that query. After
-    success, `then(payload)` enqueues the next hop. A redelivered message whose stage already
-    succeeded skips `work` but calls `then` again: the first delivery may have died between
-    storing its output and enqueueing the next stage, and the next stage is idempotent.
+    The decorator carries the policy: late acks, requeue on worker loss, the payload validated
+    against `contract` (a refused message becomes a dead letter and is acknowledged), named
+    transient errors retried with backoff. `work` may raise `RefusedMessage` for a message that
+    is well-formed but cannot be served (an unknown id).
     """
 
     def decorate(work: Callable[[Any, Task], dict[str, Any]]) -> Task:
@@ -103,13 +100,40 @@ def stage_task(
             except (RefusedMessage, ValidationError) as error:
                 return refuse(task, raw if raw is not None else {"args": args, "kwargs": kwargs}, error)
             try:
-                attempt = begin_attempt(payload.query_id, stage.value, worker_name(task))
-            except QueryNotFound as error:
+                return work(payload, task)
+            except RefusedMessage as error:
                 return refuse(task, raw, error)
             except Exception as error:
-                if is_transient(error):
+                if is_transient(error) and task.request.retries < task.max_retries:
                     raise task.retry(exc=error, countdown=backoff(task)) from error
                 raise
+
+        return run
+
+    return decorate
+
+
+def stage_task(
+    stage: Stage,
+    operation: str,
+    contract: type[Contract],
+    then: Callable[[Any], None] | None = None,
+) -> Callable[[Callable[[Any, Task], dict[str, Any]]], Task]:
+    """A `queue_task` on one query of a job: the payload carries `query_id`, and each attempt is
+    recorded as a stage run of that query (start, end, worker, error).
+
+    A permanent error marks the query failed with a readable message and is acknowledged (the job
+    goes on). After success, `then(payload)` enqueues the next hop. A redelivered message whose
+    stage already succeeded skips `work` but calls `then` again: the first delivery may have died
+    between storing its output and enqueueing the next stage, and the next stage is idempotent.
+    """
+
+    def decorate(work: Callable[[Any, Task], dict[str, Any]]) -> Task:
+        def attempt_stage(payload: Any, task: Task) -> dict[str, Any]:
+            try:
+                attempt = begin_attempt(payload.query_id, stage.value, worker_name(task))
+            except QueryNotFound as error:
+                raise RefusedMessage(str(error)) from error
             if attempt is None:
                 log.info("%s: already succeeded for query %s; nothing new to do", task.name, payload.query_id)
                 hand_on(task, then, payload)
@@ -120,15 +144,15 @@ def stage_task(
                 transient = is_transient(error) and task.request.retries < task.max_retries
                 fail_attempt(attempt.id, f"{type(error).__name__}: {error}", retrying=transient)
                 if transient:
-                    raise task.retry(exc=error, countdown=backoff(task)) from error
-                # A permanent error is recorded on the query and acknowledged: the job goes on.
+                    raise
                 log.exception("%s failed permanently for query %s", task.name, payload.query_id)
                 return {"query_id": str(payload.query_id), "failed": str(error)}
             if succeed_attempt(attempt.id, output):
                 hand_on(task, then, payload)
             return {"query_id": str(payload.query_id), **output}
 
-        return run
+        attempt_stage.__name__ = work.__name__
+        return queue_task(stage, operation, contract)(attempt_stage)
 
     return decorate
 
