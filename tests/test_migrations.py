@@ -5,11 +5,15 @@ import uuid
 import psycopg
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
 from infra.migrate import alembic_config, current_revision, downgrade, upgrade
 
+HEAD = ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
 EXPECTED_TABLES = {
+    "ingest_runs",
+    "ingest_items",
     "collections",
     "documents",
     "chunks",
@@ -30,9 +34,7 @@ EXPECTED_TABLES = {
 def empty_database(servers):
     """A fresh database on the test server, dropped afterwards."""
     name = f"migr_{uuid.uuid4().hex[:10]}"
-    admin = (
-        servers.database_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
-    )
+    admin = servers.database_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = servers.database_url.rsplit("/", 1)[0] + f"/{name}"
@@ -58,7 +60,7 @@ def test_upgrade_empty_database_then_downgrade_back(empty_database):
     assert tables == set() and "vector" not in extensions
     assert current_revision(empty_database) is None
 
-    assert upgrade(empty_database) == "0001"
+    assert upgrade(empty_database) == HEAD
     tables, extensions, indexes = schema(empty_database)
     assert EXPECTED_TABLES <= tables
     assert "vector" in extensions
@@ -74,7 +76,7 @@ def test_upgrade_empty_database_then_downgrade_back(empty_database):
     assert "vector" not in extensions
 
     # and up again: the downgrade left nothing behind that blocks a new upgrade
-    assert upgrade(empty_database) == "0001"
+    assert upgrade(empty_database) == HEAD
 
 
 def test_models_and_migrations_agree(empty_database):
@@ -87,14 +89,9 @@ def test_hnsw_index_serves_cosine_search(empty_database):
     upgrade(empty_database)
     engine = create_engine(empty_database)
     with engine.begin() as conn:
+        conn.execute(text("INSERT INTO collections (name, embedding_model, embedding_dim) VALUES ('c', 'm', 384)"))
         conn.execute(
-            text("INSERT INTO collections (name, embedding_model, embedding_dim) VALUES ('c', 'm', 384)")
-        )
-        conn.execute(
-            text(
-                "INSERT INTO documents (collection_id, doc_key, content_sha256, text) "
-                "VALUES (1, 'd', '-', 't')"
-            )
+            text("INSERT INTO documents (collection_id, doc_key, content_sha256, text) VALUES (1, 'd', '-', 't')")
         )
         conn.execute(
             text(

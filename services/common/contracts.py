@@ -29,3 +29,45 @@ class SmokeProbe(Contract):
     chain: bool = True
     # S3 key of an image the merger reads back and checks against its sha256.
     image_key: str | None = None
+
+
+# ------------------------------------------------------------------ retrieval
+class Passage(BaseModel):
+    chunk_id: int
+    document_id: int
+    doc_key: str
+    heading: str | None
+    text: str
+    score: float
+    vector_rank: int | None = None  # 1-based rank in the vector search, None if not found there
+    text_rank: int | None = None  # 1-based rank in the full-text search
+
+
+class CandidateImage(BaseModel):
+    image_id: int
+    source_name: str
+    s3_key: str
+    caption: str | None
+    context_before: str | None
+    context_after: str | None
+    doc_key: str
+    score: float
+    # why it is a candidate: "passage" (it stands in a retrieved passage), "description" (its
+    # caption and context match the question), or both
+    reasons: list[str]
+
+
+class Retrieval(BaseModel):
+    """The retriever's output for one question: what the generator and the inserter work from."""
+
+    collection: str
+    question: str
+    passages: list[Passage]
+    candidates: list[CandidateImage]
+
+
+class IngestBatch(Contract):
+    """Documents of an ingest run for one retriever worker to index (ids of ingest items)."""
+
+    run_id: uuid.UUID
+    item_ids: list[int] = Field(min_length=1, max_length=64)

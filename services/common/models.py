@@ -204,9 +204,7 @@ class RegisteredModel(Base):
     kind: Mapped[str] = mapped_column(String(50), comment="inserter | embedding | generator")
     base_model: Mapped[str | None] = mapped_column(Text)
     s3_prefix: Mapped[str] = mapped_column(Text)
-    training_run_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("training_runs.id", ondelete="SET NULL")
-    )
+    training_run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("training_runs.id", ondelete="SET NULL"))
     meta: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     created_at: Mapped[datetime] = utcnow_column()
 
@@ -234,3 +232,39 @@ class DeadLetter(Base):
     error: Mapped[str] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[datetime] = utcnow_column()
+
+
+class IngestRun(Base):
+    """One `m2io ingest`: what was read, what went in, and everything skipped with its reason."""
+
+    __tablename__ = "ingest_runs"
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    # The collection is created by the first worker batch (it knows the model's dimension).
+    collection_name: Mapped[str] = mapped_column(String(200), index=True)
+    collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    embedding_model: Mapped[str] = mapped_column(String(500))
+    source: Mapped[str] = mapped_column(Text, comment="the path given to m2io ingest")
+    layout: Mapped[str] = mapped_column(String(50), comment="markdown-folder | mramg | file")
+    status: Mapped[str] = mapped_column(String(20), server_default="running")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = utcnow_column()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    items: Mapped[list[IngestItem]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class IngestItem(Base):
+    """A document of an ingest run (or an input skipped before it became one)."""
+
+    __tablename__ = "ingest_items"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("ingest_runs.id", ondelete="CASCADE"), index=True)
+    doc_key: Mapped[str | None] = mapped_column(String(1000))
+    what: Mapped[str] = mapped_column(Text, comment="file, line or image concerned")
+    status: Mapped[str] = mapped_column(String(20), comment="pending | ingested | unchanged | skipped | failed")
+    reason: Mapped[str | None] = mapped_column(Text)
+    warnings: Mapped[list[Any]] = mapped_column(server_default=sql_text("'[]'::jsonb"))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB, comment="the parsed source, for the worker")
+    chunks: Mapped[int] = mapped_column(Integer, server_default="0")
+    images: Mapped[int] = mapped_column(Integer, server_default="0")
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    run: Mapped[IngestRun] = relationship(back_populates="items")

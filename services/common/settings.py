@@ -86,8 +86,7 @@ class Settings(BaseSettings):
     def require_s3(self) -> tuple[str, str, str]:
         if not (self.s3_endpoint and self.s3_access_key and self.s3_secret_key):
             raise RuntimeError(
-                "no S3 server configured: run `m2io up` or set M2IO_S3_ENDPOINT, M2IO_S3_ACCESS_KEY, "
-                "M2IO_S3_SECRET_KEY"
+                "no S3 server configured: run `m2io up` or set M2IO_S3_ENDPOINT, M2IO_S3_ACCESS_KEY, M2IO_S3_SECRET_KEY"
             )
         return self.s3_endpoint, self.s3_access_key, self.s3_secret_key.get_secret_value()
 

@@ -62,8 +62,7 @@ def pgvector_roundtrip(probe_id: uuid.UUID) -> dict[str, Any]:
         ).scalar_one()
         rows = [{"ordinal": 0, "vector": probe_vector, "text": f"probe {probe_id}"}]
         rows += [
-            {"ordinal": i, "vector": unit_vector(i), "text": f"distractor {i}"}
-            for i in range(1, SMOKE_DISTRACTORS)
+            {"ordinal": i, "vector": unit_vector(i), "text": f"distractor {i}"} for i in range(1, SMOKE_DISTRACTORS)
         ]
         for row in rows:
             session.execute(
@@ -169,9 +168,7 @@ def create_probe_query(hold_seconds: float = 0.0, image_key: str | None = None) 
 
 def stage_runs_of(query_id: uuid.UUID) -> list[StageRun]:
     with session_scope() as session:
-        return list(
-            session.scalars(select(StageRun).where(StageRun.query_id == query_id).order_by(StageRun.id))
-        )
+        return list(session.scalars(select(StageRun).where(StageRun.query_id == query_id).order_by(StageRun.id)))
 
 
 def wait_for_stages(query_id: uuid.UUID, stages: list[Stage], timeout: float) -> dict[str, StageRun]:

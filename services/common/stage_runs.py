@@ -36,9 +36,7 @@ def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> StageRun | No
     """Record a new running attempt; None when this stage already succeeded for the query."""
     with session_scope() as session:
         # Serialise attempts of one query: a row lock on the query.
-        query = session.execute(
-            select(Query).where(Query.id == query_id).with_for_update()
-        ).scalar_one_or_none()
+        query = session.execute(select(Query).where(Query.id == query_id).with_for_update()).scalar_one_or_none()
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
         done = session.execute(
@@ -56,9 +54,7 @@ def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> StageRun | No
         last = session.execute(
             select(func.max(StageRun.attempt)).where(StageRun.query_id == query_id, StageRun.stage == stage)
         ).scalar()
-        run = StageRun(
-            query_id=query_id, stage=stage, attempt=(last or 0) + 1, status="running", worker=worker
-        )
+        run = StageRun(query_id=query_id, stage=stage, attempt=(last or 0) + 1, status="running", worker=worker)
         session.add(run)
         if query.status in ("queued", "running"):
             query.status = "running"

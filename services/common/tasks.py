@@ -66,9 +66,7 @@ def payload_of(args: tuple, kwargs: dict) -> Any:
         return args[0]
     if not args and kwargs:
         return kwargs
-    raise RefusedMessage(
-        f"expected one JSON object, got {len(args)} positional and {len(kwargs)} keyword arguments"
-    )
+    raise RefusedMessage(f"expected one JSON object, got {len(args)} positional and {len(kwargs)} keyword arguments")
 
 
 def queue_task(

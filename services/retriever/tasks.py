@@ -1,9 +1,51 @@
-"""Celery entry points of the retriever stage: thin wrappers (validate, call core, persist, enqueue next).
+"""Celery entry points of the retriever stage: thin wrappers (validate, call core, persist, enqueue next)."""
 
-The stage's own logic lands in `core.py`; until then the stage answers the foundation's probe.
-"""
+from __future__ import annotations
 
+from typing import Any
+
+from celery import Task
+
+from services.common.contracts import IngestBatch, QueryRef
+from services.common.db import session_scope
+from services.common.models import Job, Query
 from services.common.queues import Stage
 from services.common.smoke import smoke_task
+from services.common.tasks import RefusedMessage, queue_task, stage_task
+from services.retriever.embedding import get_embedder
+from services.retriever.ingest_runs import index_batch
+from services.retriever.search import DEFAULT_CANDIDATES, DEFAULT_TOP_K, get_collection, retrieve
 
 smoke = smoke_task(Stage.RETRIEVER)
+
+
+@queue_task(Stage.RETRIEVER, "ingest", IngestBatch)
+def ingest(batch: IngestBatch, task: Task) -> dict[str, Any]:
+    try:
+        return index_batch(batch)
+    except LookupError as error:
+        raise RefusedMessage(str(error)) from error
+
+
+# The generator stage lands with the answer-stages issue; until then a job's queries stop here
+# with their retrieval stored as the stage run's output.
+@stage_task(Stage.RETRIEVER, "retrieve", QueryRef)
+def retrieve_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
+    with session_scope() as session:
+        query = session.get(Query, ref.query_id)
+        job = session.get(Job, query.job_id)
+        config = job.config or {}
+        collection_name = config.get("collection")
+        if not collection_name:
+            raise ValueError("the job names no collection")
+        collection = get_collection(session, collection_name)
+        embedder = get_embedder(collection.embedding_model)
+        retrieval = retrieve(
+            session,
+            collection,
+            query.question,
+            embedder,
+            top_k=int(config.get("top_k", DEFAULT_TOP_K)),
+            max_candidates=int(config.get("candidates", DEFAULT_CANDIDATES)),
+        )
+    return retrieval.model_dump(mode="json")

@@ -53,9 +53,7 @@ def upgrade() -> None:
         "documents",
         sa.Column("id", sa.BigInteger(), nullable=False),
         sa.Column("collection_id", sa.BigInteger(), nullable=False),
-        sa.Column(
-            "doc_key", sa.String(length=1000), nullable=False, comment="stable id within the collection"
-        ),
+        sa.Column("doc_key", sa.String(length=1000), nullable=False, comment="stable id within the collection"),
         sa.Column("title", sa.Text(), nullable=True),
         sa.Column("source_path", sa.Text(), nullable=True),
         sa.Column("content_sha256", sa.String(length=64), nullable=False),
@@ -177,9 +175,7 @@ def upgrade() -> None:
         sa.Column("caption", sa.Text(), nullable=True),
         sa.Column("context_before", sa.Text(), nullable=True),
         sa.Column("context_after", sa.Text(), nullable=True),
-        sa.Column(
-            "position", sa.Integer(), nullable=False, comment="index of the document sentence it follows"
-        ),
+        sa.Column("position", sa.Integer(), nullable=False, comment="index of the document sentence it follows"),
         sa.Column("embedding", pgvector.sqlalchemy.vector.VECTOR(), nullable=True),
         sa.Column("embedding_dim", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
@@ -267,9 +263,7 @@ def upgrade() -> None:
         sa.Column("query_id", sa.UUID(), nullable=False),
         sa.Column("stage", sa.String(length=20), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
-        sa.Column(
-            "status", sa.String(length=20), nullable=False, comment="running | succeeded | failed | lost"
-        ),
+        sa.Column("status", sa.String(length=20), nullable=False, comment="running | succeeded | failed | lost"),
         sa.Column("worker", sa.String(length=300), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
