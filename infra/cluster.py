@@ -275,32 +275,47 @@ class LocalCluster:
         if user:
             os.chown(socket_dir, entry.pw_uid, entry.pw_gid)
         log = self.logs / "postgres.log"
-        record = spawn(
-            self.table,
-            "postgres",
-            [
-                str(bin_dir / "postgres"),
-                "-D",
-                str(data_dir),
-                "-p",
-                str(port),
-                "-h",
-                "127.0.0.1",
-                "-k",
-                str(socket_dir),
-                "-c",
-                "max_connections=200",
-            ],
-            log,
-            port=port,
-            user=user,
-        )
+
+        def start_postmaster() -> ProcessRecord:
+            return spawn(
+                self.table,
+                "postgres",
+                [
+                    str(bin_dir / "postgres"),
+                    "-D",
+                    str(data_dir),
+                    "-p",
+                    str(port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(socket_dir),
+                    "-c",
+                    "max_connections=200",
+                ],
+                log,
+                port=port,
+                user=user,
+            )
+
+        record = start_postmaster()
         if user:
             os.chown(log, entry.pw_uid, entry.pw_gid)
         admin_url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
-        wait_until(
-            lambda: psycopg.connect(admin_url, connect_timeout=2).close() is None, 60, "postgres", record.log
-        )
+
+        def ready() -> bool:
+            nonlocal record
+            if not record.is_alive():
+                # A postmaster killed a moment ago still holds the data dir until its pid is reaped
+                # (the new one then finds "another postmaster" in postmaster.pid and exits) and its
+                # children are gone: start again until that clears or the wait runs out.
+                time.sleep(1)
+                record = start_postmaster()
+                return False
+            psycopg.connect(admin_url, connect_timeout=2).close()
+            return True
+
+        wait_until(ready, 60, "postgres", str(log))
         with psycopg.connect(admin_url, autocommit=True) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (LOCAL_DATABASE,)
@@ -521,19 +536,24 @@ class LocalCluster:
         else:
             rows.append(self._row("postgres", lambda: self._probe_postgres(env.get("M2IO_DATABASE_URL"))))
         redis_url = env.get("M2IO_REDIS_URL", self.settings.redis_url)
-        if self.table.live("redis"):
+        # get, not live: a local Redis that died keeps its pid file, so it shows as dead.
+        if self.table.get("redis") is not None:
             rows.append(self._row("redis", lambda: self._probe_redis(redis_url)))
         else:
             state, detail = self._probe_redis(redis_url)
-            rows.append(
-                Health(
-                    "redis",
-                    None,
-                    None,
-                    "external" if state == "healthy" else state,
-                    f"{redis_url} {detail}".strip(),
+            if state != "healthy" and redis_url == f"redis://127.0.0.1:{self.settings.local_redis_port}/0":
+                # The local Redis that `m2io down` stopped (`up` starts it again), not a broken server.
+                rows.append(Health("redis", None, None, "absent", "not started"))
+            else:
+                rows.append(
+                    Health(
+                        "redis",
+                        None,
+                        None,
+                        "external" if state == "healthy" else state,
+                        f"{redis_url} {detail}".strip(),
+                    )
                 )
-            )
         if self.external_s3:
             rows.append(Health("s3", None, None, "external", self.external_s3))
         else:

@@ -13,6 +13,7 @@ import pwd
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ class ProcessTable:
         except (ValueError, TypeError) as error:
             # A pid file cut short by a crash: nothing to signal, so treat it as stale.
             path.rename(path.with_suffix(f".corrupt-{int(time.time())}"))
-            print(f"warning: moved aside unreadable pid file {path}: {error}")
+            # stderr: stdout may be machine-read (`m2io ps --json`).
+            print(f"warning: moved aside unreadable pid file {path}: {error}", file=sys.stderr)
             return None
 
     def put(self, record: ProcessRecord) -> None:
@@ -116,9 +118,7 @@ def who_listens(port: int) -> str:
 def require_free_ports(ports: dict[str, int], setting_hint: str) -> None:
     taken = {label: port for label, port in ports.items() if not port_is_free(port)}
     if taken:
-        details = ", ".join(
-            f"{label} port {port} is held by {who_listens(port)}" for label, port in taken.items()
-        )
+        details = ", ".join(f"{label} port {port} is held by {who_listens(port)}" for label, port in taken.items())
         raise PortTaken(f"cannot start: {details}. Stop that process or choose other ports ({setting_hint}).")
 
 
@@ -132,9 +132,7 @@ def ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True
-        )
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
         return pwd.getpwnam(name)
 
 
