@@ -40,9 +40,12 @@ def ingest_corpus(root: Path, collection_name: str, model: str) -> dict:
         collection = ensure_collection(session, collection_name, model, embedder.dimension)
         outcomes = []
         for start in range(0, len(payloads), 16):
-            outcomes += index_documents(session, collection, payloads[start:start + 16], embedder)
-    return {"documents": len(payloads), "seconds": round(time.perf_counter() - started, 2),
-            "ingested": sum(o.status == "ingested" for o in outcomes)}
+            outcomes += index_documents(session, collection, payloads[start : start + 16], embedder)
+    return {
+        "documents": len(payloads),
+        "seconds": round(time.perf_counter() - started, 2),
+        "ingested": sum(o.status == "ingested" for o in outcomes),
+    }
 
 
 def image_name(source_name: str) -> str:
@@ -61,8 +64,9 @@ def score_corpus(root: Path, collection_name: str, model: str, top_k: int, candi
         collection = get_collection(session, collection_name)
         for question in questions:
             started = time.perf_counter()
-            result = retrieve(session, collection, question["question"], embedder, top_k=top_k,
-                              max_candidates=candidates)
+            result = retrieve(
+                session, collection, question["question"], embedder, top_k=top_k, max_candidates=candidates
+            )
             latencies.append(time.perf_counter() - started)
             docs = [p.doc_key for p in result.passages]
             hits1 += bool(docs[:1] and docs[0] == question["doc_id"])
@@ -73,8 +77,14 @@ def score_corpus(root: Path, collection_name: str, model: str, top_k: int, candi
             total_gold += len(gold)
             candidate_counts.append(len(result.candidates))
             if question["doc_id"] not in docs[:5] or any(g not in found for g in gold):
-                misses.append({"id": question["id"], "question": question["question"], "top_docs": docs,
-                               "missing_images": [g for g in gold if g not in found]})
+                misses.append(
+                    {
+                        "id": question["id"],
+                        "question": question["question"],
+                        "top_docs": docs,
+                        "missing_images": [g for g in gold if g not in found],
+                    }
+                )
     latencies.sort()
     return {
         "questions": len(questions),
