@@ -117,9 +117,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        "# written by `m2io up`; holds secrets\n" + "".join(f"{k}={v}\n" for k, v in values.items())
-    )
+    tmp.write_text("# written by `m2io up`; holds secrets\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
     tmp.chmod(0o600)
     tmp.replace(path)
 
@@ -267,9 +265,7 @@ class LocalCluster:
                 raise ClusterError(f"initdb failed: {error.stderr.strip()}") from error
             finally:
                 password_file.unlink(missing_ok=True)
-        require_free_ports(
-            {"postgres": port}, "M2IO_LOCAL_POSTGRES_PORT, or M2IO_DATABASE_URL for your own server"
-        )
+        require_free_ports({"postgres": port}, "M2IO_LOCAL_POSTGRES_PORT, or M2IO_DATABASE_URL for your own server")
         socket_dir = self.state_dir / "run" / "pgsocket"
         socket_dir.mkdir(parents=True, exist_ok=True)
         if user:
@@ -317,9 +313,7 @@ class LocalCluster:
 
         wait_until(ready, 60, "postgres", str(log))
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (LOCAL_DATABASE,)
-            ).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (LOCAL_DATABASE,)).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{LOCAL_DATABASE}"')
         echo(f"postgres: started (pid {record.pid}, port {port})")
@@ -447,9 +441,7 @@ class LocalCluster:
         )
         store = ObjectStore.from_settings(settings)
         wait_until(lambda: store.ensure_bucket() is not None, 90, "s3 (SeaweedFS)", record.log)
-        echo(
-            f"s3: started SeaweedFS (pid {record.pid}, port {ports['s3']}, bucket {self.settings.s3_bucket})"
-        )
+        echo(f"s3: started SeaweedFS (pid {record.pid}, port {ports['s3']}, bucket {self.settings.s3_bucket})")
         return values
 
     # ---------------------------------------------------------------- migrations, workers, dashboard
@@ -530,9 +522,7 @@ class LocalCluster:
         env = self.cluster_env()
         rows: list[Health] = []
         if self.external_database:
-            rows.append(
-                Health("postgres", None, None, *self._probe_postgres(self.external_database, external=True))
-            )
+            rows.append(Health("postgres", None, None, *self._probe_postgres(self.external_database, external=True)))
         else:
             rows.append(self._row("postgres", lambda: self._probe_postgres(env.get("M2IO_DATABASE_URL"))))
         redis_url = env.get("M2IO_REDIS_URL", self.settings.redis_url)
@@ -582,9 +572,7 @@ class LocalCluster:
         plain = url.replace("postgresql+psycopg://", "postgresql://")
         try:
             with psycopg.connect(plain, connect_timeout=2) as conn:
-                version = conn.execute(
-                    "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-                ).fetchone()
+                version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
         except psycopg.Error as error:
             return "unhealthy", str(error).splitlines()[0]
         state = "external" if external else "healthy"
@@ -613,11 +601,7 @@ class LocalCluster:
             found = store.client.bucket_exists(store.bucket)
         except Exception as error:  # noqa: BLE001 - any failure is reported as the health detail
             return "unhealthy", f"{type(error).__name__}: {error}"
-        return (
-            ("healthy", f"bucket {store.bucket}")
-            if found
-            else ("unhealthy", f"bucket {store.bucket} missing")
-        )
+        return ("healthy", f"bucket {store.bucket}") if found else ("unhealthy", f"bucket {store.bucket} missing")
 
     @staticmethod
     def _worker_pongs(redis_url: str) -> set[str]:
@@ -642,24 +626,29 @@ class LocalCluster:
         url = f"http://127.0.0.1:{self.settings.dashboard_port}/_stcore/health"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                return (
-                    ("healthy", url) if response.status == 200 else ("unhealthy", f"HTTP {response.status}")
-                )
+                return ("healthy", url) if response.status == 200 else ("unhealthy", f"HTTP {response.status}")
         except OSError as error:
             return "unhealthy", str(error)
 
     # ---------------------------------------------------------------- down
     def down(self, echo: Callable[[str], None] = print) -> None:
-        order = [n for n in ["dashboard", *self.worker_names(), "s3", "redis", "postgres"]]
+        """Stop the clients first (dashboard, workers: in parallel, they are independent), then the
+        servers they use, one by one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Workers: warm shutdown (finish the task in hand; acks_late re-queues it if we must kill).
+        # Postgres: SIGINT is its "fast" shutdown (SIGTERM would wait for clients to leave).
+        waves = [["dashboard", *self.worker_names()], ["s3"], ["redis"], ["postgres"]]
         stopped_any = False
-        for name in order:
-            if self.table.get(name) is None:
+        for wave in waves:
+            running = [name for name in wave if self.table.get(name) is not None]
+            if not running:
                 continue
-            # Workers: warm shutdown (finish the task in hand; acks_late re-queues it if we must kill).
-            # Postgres: SIGINT is its "fast" shutdown (SIGTERM would wait for clients to leave).
-            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
-            outcome = stop(self.table, name, sig, timeout=30.0)
-            echo(f"{name}: {outcome}")
+            sig = signal.SIGINT if wave == ["postgres"] else signal.SIGTERM
+            with ThreadPoolExecutor(max_workers=len(running)) as pool:
+                outcomes = list(pool.map(lambda name, sig=sig: stop(self.table, name, sig, timeout=30.0), running))
+            for name, outcome in zip(running, outcomes, strict=True):
+                echo(f"{name}: {outcome}")
             stopped_any = True
         if not stopped_any:
             echo(f"nothing runs from {self.state_dir}")
