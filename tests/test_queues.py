@@ -6,6 +6,8 @@ from services.common.queues import PIPELINE, Stage, next_stage, task_routes
 # Snapshot. Changing it means queued messages of the old name are never consumed: migrate them first.
 EXPECTED_TASKS = {
     "retriever.smoke": "retriever",
+    "retriever.ingest": "retriever",
+    "retriever.retrieve": "retriever",
     "generator.smoke": "generator",
     "inserter.smoke": "inserter",
     "merger.smoke": "merger",
