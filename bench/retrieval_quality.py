@@ -57,6 +57,9 @@ def score_corpus(root: Path, collection_name: str, model: str, top_k: int, candi
     questions = [json.loads(line) for line in (root / "questions.jsonl").read_text().splitlines() if line.strip()]
     hits1 = hits5 = 0
     covered = total_gold = 0
+    cutoffs = [k for k in (3, 5, 8) if k < candidates] + [candidates]
+    covered_at = dict.fromkeys(cutoffs, 0)
+    gold_among_candidates = []
     candidate_counts = []
     misses = []
     latencies = []
@@ -71,9 +74,14 @@ def score_corpus(root: Path, collection_name: str, model: str, top_k: int, candi
             docs = [p.doc_key for p in result.passages]
             hits1 += bool(docs[:1] and docs[0] == question["doc_id"])
             hits5 += question["doc_id"] in docs[:5]
-            found = {image_name(c.source_name) for c in result.candidates}
+            ranked = [image_name(c.source_name) for c in result.candidates]
+            found = set(ranked)
             gold = [image_name(g) for g in question.get("gold_images", [])]
             covered += sum(g in found for g in gold)
+            for k in cutoffs:
+                covered_at[k] += sum(g in ranked[:k] for g in gold)
+            if ranked:
+                gold_among_candidates.append(sum(name in gold for name in ranked) / len(ranked))
             total_gold += len(gold)
             candidate_counts.append(len(result.candidates))
             if question["doc_id"] not in docs[:5] or any(g not in found for g in gold):
@@ -92,6 +100,10 @@ def score_corpus(root: Path, collection_name: str, model: str, top_k: int, candi
         "doc_recall@5": round(hits5 / len(questions), 3),
         "gold_image_coverage": round(covered / total_gold, 3) if total_gold else None,
         "gold_images": total_gold,
+        "gold_image_coverage_at": {k: round(v / total_gold, 3) for k, v in covered_at.items()} if total_gold else {},
+        "gold_share_of_candidates": round(sum(gold_among_candidates) / len(gold_among_candidates), 3)
+        if gold_among_candidates
+        else None,
         "mean_candidates": round(sum(candidate_counts) / len(candidate_counts), 1),
         "latency_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
         "misses": misses,
