@@ -9,8 +9,11 @@ EXPECTED_TASKS = {
     "retriever.ingest": "retriever",
     "retriever.retrieve": "retriever",
     "generator.smoke": "generator",
+    "generator.generate": "generator",
     "inserter.smoke": "inserter",
+    "inserter.insert": "inserter",
     "merger.smoke": "merger",
+    "merger.merge": "merger",
     "trainer.smoke": "trainer",
 }
 

@@ -71,3 +71,48 @@ class IngestBatch(Contract):
 
     run_id: uuid.UUID
     item_ids: list[int] = Field(min_length=1, max_length=64)
+
+
+# ------------------------------------------------------------------ answer stages
+class AnswerUnit(BaseModel):
+    """A sentence of an answer; list steps, headings, code and tables are kept whole."""
+
+    text: str
+    kind: str = "sentence"  # sentence | item | heading | code | table
+
+
+class TextAnswer(BaseModel):
+    """The generator's output: the answer as numbered units (1-based in prompts and plans)."""
+
+    units: list[AnswerUnit]
+    backend: str
+    seconds: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Placement(BaseModel):
+    image: str  # source name of a candidate image
+    after: int = Field(ge=0)  # the unit it follows; 0 = before the first
+
+
+class InsertionPlan(BaseModel):
+    placements: list[Placement]
+    backend: str
+    seconds: float = 0.0
+    fallback_reason: str | None = None  # set when an LM's output was unusable and `rule` answered
+    raw_output: str | None = None  # what an LM wrote, for inspection
+
+
+class AnswerBlock(BaseModel):
+    type: str  # text | image
+    text: str | None = None
+    source_name: str | None = None
+    caption: str | None = None
+
+
+class MergedAnswer(BaseModel):
+    markdown: str
+    blocks: list[AnswerBlock]
+    html_key: str | None = None
+    warnings: list[str] = []

@@ -121,3 +121,29 @@ def record_dead_letter(
         session.add(letter)
         session.flush()
         return letter.id
+
+
+class StageOutputMissing(LookupError):
+    pass
+
+
+def stage_output(query_id: uuid.UUID, stage: str) -> dict[str, Any]:
+    """The output of the succeeded run of a stage for a query (what the next stage reads)."""
+    with session_scope() as session:
+        output = session.execute(
+            select(StageRun.output).where(
+                StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "succeeded"
+            )
+        ).scalar_one_or_none()
+    if output is None:
+        raise StageOutputMissing(f"query {query_id} has no succeeded {stage} stage")
+    return output
+
+
+def query_and_config(query_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
+    """The question and its job's configuration."""
+    with session_scope() as session:
+        query = session.get(Query, query_id)
+        if query is None:
+            raise QueryNotFound(f"query {query_id} does not exist")
+        return query.question, dict(query.job.config or {})

@@ -1,9 +1,32 @@
-"""Celery entry points of the generator stage: thin wrappers (validate, call core, persist, enqueue next).
+"""Celery entry points of the generator stage: thin wrappers (validate, call core, persist, enqueue next)."""
 
-The stage's own logic lands in `core.py`; until then the stage answers the foundation's probe.
-"""
+from __future__ import annotations
 
+from typing import Any
+
+from celery import Task
+
+from services.common.contracts import QueryRef, Retrieval
 from services.common.queues import Stage
+from services.common.settings import get_settings
 from services.common.smoke import smoke_task
+from services.common.stage_runs import query_and_config, stage_output
+from services.common.tasks import stage_task
+from services.generator.core import generate
+from services.retriever.embedding import get_embedder
 
 smoke = smoke_task(Stage.GENERATOR)
+
+
+def to_inserter(ref: QueryRef) -> None:
+    from services.common.celery_app import app
+
+    app.send_task("inserter.insert", args=[ref.model_dump(mode="json")])
+
+
+@stage_task(Stage.GENERATOR, "generate", QueryRef, then=to_inserter)
+def generate_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
+    _, config = query_and_config(ref.query_id)
+    retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))
+    backend = config.get("generator") or get_settings().generator_backend
+    return generate(retrieval, backend, get_embedder()).model_dump(mode="json")

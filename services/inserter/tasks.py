@@ -1,9 +1,35 @@
 """Celery entry points of the inserter stage: thin wrappers (validate, call core, persist, enqueue next).
 
-The stage's own logic lands in `core.py`; until then the stage answers the foundation's probe.
-"""
+LM backends run on a GPU when the worker has one (the model loader picks the device)."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from services.common.contracts import QueryRef, Retrieval, TextAnswer
 from services.common.queues import Stage
+from services.common.settings import get_settings
 from services.common.smoke import smoke_task
+from services.common.stage_runs import query_and_config, stage_output
+from services.common.tasks import stage_task
+from services.inserter.core import insert
+from services.retriever.embedding import get_embedder
 
 smoke = smoke_task(Stage.INSERTER)
+
+
+def to_merger(ref: QueryRef) -> None:
+    from services.common.celery_app import app
+
+    app.send_task("merger.merge", args=[ref.model_dump(mode="json")])
+
+
+@stage_task(Stage.INSERTER, "insert", QueryRef, then=to_merger)
+def insert_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
+    _, config = query_and_config(ref.query_id)
+    retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))
+    answer = TextAnswer.model_validate(stage_output(ref.query_id, Stage.GENERATOR.value))
+    backend = config.get("inserter") or get_settings().inserter_backend
+    return insert(answer.units, retrieval.candidates, backend, get_embedder()).model_dump(mode="json")

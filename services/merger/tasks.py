@@ -1,9 +1,53 @@
-"""Celery entry points of the merger stage: thin wrappers (validate, call core, persist, enqueue next).
+"""Celery entry points of the merger stage: the last hop; it stores the answer and ends the query."""
 
-The stage's own logic lands in `core.py`; until then the stage answers the foundation's probe.
-"""
+from __future__ import annotations
 
+import json
+from typing import Any
+
+from celery import Task
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as upsert
+
+from services.common.contracts import InsertionPlan, QueryRef, Retrieval, TextAnswer
+from services.common.db import session_scope
+from services.common.models import Answer, Query
 from services.common.queues import Stage
 from services.common.smoke import smoke_task
+from services.common.stage_runs import now, query_and_config, stage_output
+from services.common.storage import get_store
+from services.common.tasks import stage_task
+from services.merger.core import merge
 
 smoke = smoke_task(Stage.MERGER)
+
+
+@stage_task(Stage.MERGER, "merge", QueryRef)
+def merge_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
+    question, _ = query_and_config(ref.query_id)
+    retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))
+    answer = TextAnswer.model_validate(stage_output(ref.query_id, Stage.GENERATOR.value))
+    plan = InsertionPlan.model_validate(stage_output(ref.query_id, Stage.INSERTER.value))
+    store = get_store()
+    merged, page = merge(question, answer.units, plan, retrieval.candidates, store)
+    prefix = f"answers/{ref.query_id}"
+    store.put_named(f"{prefix}/answer.html", page.encode(), "text/html; charset=utf-8")
+    store.put_named(f"{prefix}/answer.md", merged.markdown.encode(), "text/markdown; charset=utf-8")
+    blocks = [block.model_dump(mode="json", exclude_none=True) for block in merged.blocks]
+    store.put_named(f"{prefix}/answer.json", json.dumps(blocks, ensure_ascii=False).encode(), "application/json")
+    # Upsert by query: a redelivered merge (after a crash past this point) rewrites the same row.
+    with session_scope() as session:
+        session.execute(
+            upsert(Answer)
+            .values(query_id=ref.query_id, markdown=merged.markdown, blocks=blocks, html_key=f"{prefix}/answer.html")
+            .on_conflict_do_update(
+                index_elements=["query_id"],
+                set_={"markdown": merged.markdown, "blocks": blocks, "html_key": f"{prefix}/answer.html"},
+            )
+        )
+        session.execute(update(Query).where(Query.id == ref.query_id).values(status="succeeded", updated_at=now()))
+    return {
+        "html_key": f"{prefix}/answer.html",
+        "images": sum(b["type"] == "image" for b in blocks),
+        "warnings": merged.warnings,
+    }

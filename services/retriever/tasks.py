@@ -27,9 +27,13 @@ def ingest(batch: IngestBatch, task: Task) -> dict[str, Any]:
         raise RefusedMessage(str(error)) from error
 
 
-# The generator stage lands with the answer-stages issue; until then a job's queries stop here
-# with their retrieval stored as the stage run's output.
-@stage_task(Stage.RETRIEVER, "retrieve", QueryRef)
+def to_generator(ref: QueryRef) -> None:
+    from services.common.celery_app import app
+
+    app.send_task("generator.generate", args=[ref.model_dump(mode="json")])
+
+
+@stage_task(Stage.RETRIEVER, "retrieve", QueryRef, then=to_generator)
 def retrieve_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
     with session_scope() as session:
         query = session.get(Query, ref.query_id)

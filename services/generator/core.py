@@ -1,0 +1,163 @@
+"""The generator: a text answer from retrieved passages. Images are seen as descriptions (caption +
+surrounding text), which M2RAG found better than raw pixels.
+
+Backends, chosen per job:
+- `extractive`: picks and orders the most relevant units of the passages (MMR: relevant, not
+  redundant), in document order so list steps keep their order; it never invents text;
+- `local` / `local:<model>`: a transformers causal LM (SmolLM2-135M-Instruct offline by default);
+- `openai` / `openai:<model>`: any OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retrieval, TextAnswer
+from services.retriever.chunking import parse_markdown
+from services.retriever.embedding import Embedder
+
+MMR_LAMBDA = 0.75  # relevance weighs 3x redundancy: answers to how-to questions repeat vocabulary
+MAX_UNITS = 14
+MAX_WORDS = 260
+MIN_RELEVANCE = 0.2  # a unit less similar than this to the question is noise, not answer
+MAX_NEW_TOKENS = 320
+MIN_FOCUSED_UNITS = 3
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+@dataclass
+class PassageUnit:
+    text: str
+    kind: str
+    passage_rank: int  # 0-based rank of its passage
+    order: tuple[int, int, int]  # (document, chunk, unit): where it stands in its source
+
+
+def passage_units(passages: list[Passage]) -> list[PassageUnit]:
+    """The units of each passage, without the heading-path line the chunker puts first."""
+    units: list[PassageUnit] = []
+    documents: dict[int, int] = {}
+    for rank, passage in enumerate(passages):
+        body = passage.text
+        if passage.heading and body.startswith(passage.heading):
+            body = body[len(passage.heading) :].lstrip("\n")
+        document_order = documents.setdefault(passage.document_id, len(documents))
+        for index, unit in enumerate(parse_markdown(body).units):
+            if unit.kind == "heading":
+                continue
+            units.append(PassageUnit(unit.text, unit.kind, rank, (document_order, passage.chunk_id, index)))
+    return units
+
+
+def focused_passages(passages: list[Passage], min_units: int = MIN_FOCUSED_UNITS) -> list[Passage]:
+    """The passages of the best passage's section (same document and heading); others only when the
+    section alone is too short. An answer that wanders into neighbouring sections brings their
+    images along, which is what hurt precision most (bench/README.md)."""
+    if not passages:
+        return []
+    top = passages[0]
+    section = [p for p in passages if p.document_id == top.document_id and p.heading == top.heading]
+    if len(passage_units(section)) >= min_units:
+        return section
+    return passages
+
+
+def extractive_answer(
+    question: str,
+    passages: list[Passage],
+    embedder: Embedder,
+    max_units: int = MAX_UNITS,
+    max_words: int = MAX_WORDS,
+    focus: bool = True,
+) -> list[AnswerUnit]:
+    units = passage_units(focused_passages(passages) if focus else passages)
+    if not units:
+        return []
+    vectors = embedder.encode([question] + [unit.text for unit in units])
+    query, unit_vectors = vectors[0], vectors[1:]
+    # Relevance: similarity to the question, nudged by how the retriever ranked the passage.
+    relevance = unit_vectors @ query + np.array([0.1 / (1 + unit.passage_rank) for unit in units])
+    chosen: list[int] = []
+    words = 0
+    candidates = [i for i in range(len(units)) if relevance[i] >= MIN_RELEVANCE]
+    while candidates and len(chosen) < max_units:
+        if chosen:
+            redundancy = (unit_vectors[candidates] @ unit_vectors[chosen].T).max(axis=1)
+        else:
+            redundancy = np.zeros(len(candidates))
+        scores = MMR_LAMBDA * relevance[candidates] - (1 - MMR_LAMBDA) * redundancy
+        best = candidates[int(np.argmax(scores))]
+        candidates.remove(best)
+        if redundancy.size and (unit_vectors[best] @ unit_vectors[chosen].T).max(initial=0) > 0.95:
+            continue  # a near-duplicate (the same step in two passages)
+        unit_words = len(units[best].text.split())
+        if chosen and words + unit_words > max_words:
+            continue
+        chosen.append(best)
+        words += unit_words
+    chosen.sort(key=lambda i: units[i].order)  # source order: steps stay in sequence
+    return [AnswerUnit(text=units[i].text, kind=units[i].kind) for i in chosen]
+
+
+def describe_candidate(candidate: CandidateImage) -> str:
+    parts = [f"[{candidate.source_name}]"]
+    if candidate.caption:
+        parts.append(f"caption: {candidate.caption}")
+    context = " ".join(filter(None, [candidate.context_before, candidate.context_after]))
+    if context:
+        parts.append(f"context: {context[:300]}")
+    return " ".join(parts)
+
+
+def generation_messages(retrieval: Retrieval) -> list[dict[str, str]]:
+    passages = "\n\n".join(f"Passage {i}: {p.text}" for i, p in enumerate(retrieval.passages, 1))
+    images = "\n".join(describe_candidate(c) for c in retrieval.candidates) or "(none)"
+    return [
+        {
+            "role": "system",
+            "content": "You answer questions using only the given passages. Write clear sentences; "
+            "for procedures, write numbered steps. Do not mention the passages.",
+        },
+        {
+            "role": "user",
+            "content": f"Passages:\n{passages}\n\nImages available (described in words):\n{images}\n\n"
+            f"Question: {retrieval.question}\nAnswer:",
+        },
+    ]
+
+
+def split_answer(text: str) -> list[AnswerUnit]:
+    """An LM's answer as units: sentences split, list steps kept whole (the retriever's parser)."""
+    return [AnswerUnit(text=unit.text, kind=unit.kind) for unit in parse_markdown(text).units]
+
+
+def generate(retrieval: Retrieval, backend: str, embedder: Embedder) -> TextAnswer:
+    started = time.perf_counter()
+    match backend.split(":", 1)[0]:
+        case "extractive":
+            units = extractive_answer(retrieval.question, retrieval.passages, embedder)
+            return TextAnswer(units=units, backend=backend, seconds=round(time.perf_counter() - started, 4))
+        case "local" | "openai":
+            from services.common.llm import LLMError, get_chat_model
+
+            if not retrieval.passages:
+                return TextAnswer(units=[], backend=backend)
+            try:
+                result = get_chat_model(backend).chat(generation_messages(retrieval), max_new_tokens=MAX_NEW_TOKENS)
+            except LLMError as error:
+                raise GenerationError(f"{backend} generator failed: {error}") from error
+            return TextAnswer(
+                units=split_answer(result.text),
+                backend=backend,
+                seconds=round(time.perf_counter() - started, 4),
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
+        case _:
+            raise GenerationError(f"unknown generator backend {backend!r} (extractive, local[:model], openai[:model])")

@@ -1,0 +1,213 @@
+"""The image inserter: which candidate images illustrate the answer, and after which unit each goes.
+
+Backends:
+- `rule`: the paper's rule-based baseline done well. Each candidate is described by its caption and
+  the text that stood around it in its document; an image belongs after the answer unit that
+  matches the text it followed (or before the unit that matches the text that followed it), or a
+  unit that matches its caption. Thresholds keep weak matches out; at most one image per slot,
+  no image twice, and images of one document keep their document order.
+- `llm` / `llm:<model spec>`: a causal LM given the numbered units and described candidates must
+  answer `<think>...</think><answer>[{"image": "<source name>", "after": <n>}]</answer>`; a strict
+  parser checks it, and anything else falls back to `rule` (the plan says so).
+- `checkpoint:<name>`: a registered inserter model (the trainer's), with the `llm` prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import numpy as np
+
+from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement
+from services.retriever.embedding import Embedder
+
+# Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
+# (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
+# not the text the image stood next to.
+MATCH_MIN = 0.8
+CAPTION_WEIGHT = 0.85  # a caption match is weaker evidence than matching the image's own context
+MAX_NEW_TOKENS = 256
+
+PLAN_PATTERN = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+
+
+class PlanFormatError(ValueError):
+    """An LM's output that is not a valid plan for these units and candidates."""
+
+
+def last_sentence(text: str | None) -> str:
+    if not text:
+        return ""
+    pieces = re.split(r"(?<=[.!?:])\s+", text.strip())
+    return pieces[-1] if pieces else ""
+
+
+def first_sentence(text: str | None) -> str:
+    if not text:
+        return ""
+    return re.split(r"(?<=[.!?:])\s+", text.strip())[0]
+
+
+def rule_plan(
+    units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder, match_min: float = MATCH_MIN
+) -> list[Placement]:
+    if not units or not candidates:
+        return []
+    texts = [unit.text for unit in units]
+    befores = [last_sentence(c.context_before) for c in candidates]
+    afters = [first_sentence(c.context_after) for c in candidates]
+    captions = [c.caption or "" for c in candidates]
+    vectors = embedder.encode(texts + befores + afters + captions)
+    n, m = len(units), len(candidates)
+    unit_v = vectors[:n]
+    before_v, after_v, caption_v = vectors[n : n + m], vectors[n + m : n + 2 * m], vectors[n + 2 * m :]
+    # score[j, slot]: image j placed after unit `slot` (0 = before the first unit)
+    score = np.full((m, n + 1), -1.0)
+    follows = before_v @ unit_v.T  # image j followed unit i in its document
+    precedes = after_v @ unit_v.T  # image j preceded unit i in its document
+    by_caption = caption_v @ unit_v.T * CAPTION_WEIGHT
+    for j in range(m):
+        has_before, has_after, has_caption = bool(befores[j]), bool(afters[j]), bool(captions[j].strip())
+        for slot in range(n + 1):
+            evidence = []
+            if slot >= 1 and has_before:
+                evidence.append(follows[j, slot - 1])
+            if slot < n and has_after:
+                evidence.append(precedes[j, slot])
+            if slot >= 1 and has_caption:
+                evidence.append(by_caption[j, slot - 1])
+            if evidence:
+                score[j, slot] = max(evidence)
+    # Greedy: the strongest (image, slot) pairs first, under the plan's constraints.
+    placements: dict[str, int] = {}
+    used_slots: set[int] = set()
+    for flat in np.argsort(-score, axis=None):
+        j, slot = divmod(int(flat), n + 1)
+        if score[j, slot] < match_min:
+            break
+        name = candidates[j].source_name
+        if name in placements or slot in used_slots:
+            continue
+        if not keeps_document_order(candidates, placements, j, slot):
+            continue
+        placements[name] = slot
+        used_slots.add(slot)
+    return [Placement(image=name, after=slot) for name, slot in sorted(placements.items(), key=lambda kv: kv[1])]
+
+
+def keeps_document_order(candidates: list[CandidateImage], placed: dict[str, int], j: int, slot: int) -> bool:
+    """Images of one document must appear in the order they had there (by context position)."""
+    by_name = {c.source_name: c for c in candidates}
+    mine = candidates[j]
+    for name, other_slot in placed.items():
+        other = by_name[name]
+        if other.doc_key != mine.doc_key or other.image_id == mine.image_id:
+            continue
+        # image ids are assigned in document order at ingest
+        if (other.image_id < mine.image_id) != (other_slot < slot):
+            return False
+    return True
+
+
+def numbered(units: list[AnswerUnit]) -> str:
+    return "\n".join(f"{i}. {unit.text}" for i, unit in enumerate(units, 1))
+
+
+def describe(candidate: CandidateImage) -> str:
+    context = " ".join(filter(None, [candidate.context_before, candidate.context_after]))
+    return f'- "{candidate.source_name}": {candidate.caption or "(no caption)"}' + (
+        f" | around it: {context[:240]}" if context else ""
+    )
+
+
+def plan_messages(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[dict[str, str]]:
+    return [
+        {
+            "role": "system",
+            "content": (
+                "You place images into an answer. Choose only images that illustrate a sentence, and the sentence "
+                "each one should follow (0 = before the first sentence). Reply exactly in the form "
+                '<think>short reasoning</think><answer>[{"image": "<image name>", "after": <sentence number>}]</answer>'
+            ),
+        },
+        {
+            "role": "user",
+            "content": f"Sentences:\n{numbered(units)}\n\nCandidate images:\n"
+            + "\n".join(describe(c) for c in candidates),
+        },
+    ]
+
+
+def parse_plan(output: str, units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
+    """Strict: the whole output is the format; every image is a candidate, once; every `after` is a
+    unit number (0..n). Anything else raises PlanFormatError with the reason."""
+    match = PLAN_PATTERN.fullmatch(output)
+    if not match:
+        raise PlanFormatError("output is not <think>...</think><answer>...</answer>")
+    try:
+        items = json.loads(match["answer"])
+    except ValueError as error:
+        raise PlanFormatError(f"answer is not JSON: {error}") from error
+    if not isinstance(items, list):
+        raise PlanFormatError("answer is not a JSON list")
+    names = {c.source_name for c in candidates}
+    placements: list[Placement] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, dict) or set(item) != {"image", "after"}:
+            raise PlanFormatError(f"entry {item!r} is not {{'image': ..., 'after': ...}}")
+        image, after = item["image"], item["after"]
+        if not isinstance(image, str) or image not in names:
+            raise PlanFormatError(f"{image!r} is not a candidate image")
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= len(units):
+            raise PlanFormatError(f"after={after!r} is not a sentence number 0..{len(units)}")
+        if image in seen:
+            raise PlanFormatError(f"{image!r} is placed twice")
+        seen.add(image)
+        placements.append(Placement(image=image, after=after))
+    return sorted(placements, key=lambda p: p.after)
+
+
+def insert(
+    units: list[AnswerUnit], candidates: list[CandidateImage], backend: str, embedder: Embedder, chat_model=None
+) -> InsertionPlan:
+    """The insertion plan for an answer. `chat_model` overrides the model an LM backend would load."""
+    started = time.perf_counter()
+    kind = backend.split(":", 1)[0]
+    if kind == "rule" or not units or not candidates:
+        placements = rule_plan(units, candidates, embedder) if kind == "rule" else []
+        return InsertionPlan(placements=placements, backend=backend, seconds=round(time.perf_counter() - started, 4))
+    if kind not in ("llm", "checkpoint"):
+        raise ValueError(f"unknown inserter backend {backend!r} (rule, llm[:model spec], checkpoint:<name>)")
+    from services.common.llm import LLMError
+
+    model = chat_model or inserter_chat_model(backend)
+    raw = None
+    try:
+        result = model.chat(plan_messages(units, candidates), max_new_tokens=MAX_NEW_TOKENS)
+        raw = result.text
+        placements = parse_plan(raw, units, candidates)
+        fallback = None
+    except (PlanFormatError, LLMError) as error:
+        placements = rule_plan(units, candidates, embedder)
+        fallback = f"{type(error).__name__}: {error}"
+    return InsertionPlan(
+        placements=placements,
+        backend=backend,
+        seconds=round(time.perf_counter() - started, 4),
+        fallback_reason=fallback,
+        raw_output=raw,
+    )
+
+
+def inserter_chat_model(backend: str):
+    from services.common.llm import get_chat_model
+
+    kind, _, spec = backend.partition(":")
+    if kind == "llm":
+        return get_chat_model(spec or "local")
+    from services.inserter.registry import load_registered_model
+
+    return load_registered_model(spec)

@@ -1,0 +1,62 @@
+"""Inserter models registered by the trainer: a row in `models` naming an S3 prefix that holds a
+transformers checkpoint. Served with the `llm` prompt through a local causal LM."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import select
+
+from services.common.db import session_scope
+from services.common.models import RegisteredModel
+from services.common.settings import get_settings
+from services.common.storage import get_store
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+def cache_root() -> Path:
+    configured = getattr(get_settings(), "model_cache_dir", None)
+    return Path(configured) if configured else Path.home() / ".cache" / "m2io" / "models"
+
+
+def download_checkpoint(name: str) -> Path:
+    """The checkpoint's files in a local folder (downloaded once per prefix)."""
+    with session_scope() as session:
+        model = session.execute(
+            select(RegisteredModel).where(RegisteredModel.name == name, RegisteredModel.kind == "inserter")
+        ).scalar_one_or_none()
+        if model is None:
+            known = session.scalars(select(RegisteredModel.name).where(RegisteredModel.kind == "inserter")).all()
+            raise UnknownModel(f"no registered inserter model {name!r} (registered: {', '.join(known) or 'none'})")
+        prefix = model.s3_prefix.rstrip("/") + "/"
+    target = cache_root() / "registered" / f"{name}-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    store = get_store()
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    count = 0
+    for obj in store.client.list_objects(store.bucket, prefix=prefix, recursive=True):
+        destination = partial / obj.object_name[len(prefix) :]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(store.get(obj.object_name))
+        count += 1
+    if not (partial / "config.json").exists():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UnknownModel(f"model {name!r}: s3 prefix {prefix} holds {count} files but no config.json")
+    partial.rename(target)  # a crash never leaves half a checkpoint where a loader would find it
+    return target
+
+
+@lru_cache(maxsize=4)
+def load_registered_model(name: str):
+    from services.common.llm import LocalChatModel
+
+    return LocalChatModel(str(download_checkpoint(name)))

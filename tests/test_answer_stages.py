@@ -1,0 +1,226 @@
+"""Generator, inserter and merger: pure functions on hand-made cases, then the whole pipeline through
+the four queues with real workers, the real embedding model, Postgres and S3."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Passage, Placement
+from services.common.db import session_scope
+from services.common.models import Answer, Job, Query
+from services.generator.core import extractive_answer
+from services.inserter.core import PlanFormatError, insert, parse_plan, rule_plan
+from services.merger.core import interleave, merge, to_markdown
+from services.retriever.embedding import get_embedder
+
+PASSAGE = Passage(
+    chunk_id=1,
+    document_id=1,
+    doc_key="pancakes",
+    heading="Pancakes > Directions",
+    score=1.0,
+    text="Pancakes > Directions\n1. Mix flour, eggs and milk into a batter.\n2. Fry each pancake in butter.\n"
+    "3. Serve with maple syrup.",
+)
+OTHER = Passage(
+    chunk_id=2,
+    document_id=2,
+    doc_key="tax",
+    heading="Taxes",
+    score=0.5,
+    text="Taxes\nFile your tax return before April.",
+)
+
+
+def candidate(
+    name: str, before: str | None, after: str | None, caption: str | None, image_id: int, doc_key: str = "pancakes"
+) -> CandidateImage:
+    return CandidateImage(
+        image_id=image_id,
+        source_name=name,
+        s3_key=f"k/{name}",
+        caption=caption,
+        context_before=before,
+        context_after=after,
+        doc_key=doc_key,
+        score=0.1,
+        reasons=["passage"],
+    )
+
+
+FRYING = candidate(
+    "images/frying.jpg", "2. Fry each pancake in butter.", "3. Serve with maple syrup.", "Pancake frying in a pan", 2
+)
+STACK = candidate("images/stack.jpg", "Pancakes", "Fluffy pancakes for breakfast.", "A stack of pancakes", 1)
+CAR = candidate("images/car.jpg", "Change the oil every year.", "Check the tyres.", "A red car", 9, doc_key="cars")
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return get_embedder()
+
+
+def test_extractive_answer_copies_units_in_source_order(embedder):
+    units = extractive_answer("How do I fry pancakes?", [PASSAGE, OTHER], embedder)
+    texts = [unit.text for unit in units]
+    assert all(text in PASSAGE.text or text in OTHER.text for text in texts)  # never invents text
+    steps = [t for t in texts if t[0].isdigit()]
+    assert steps == sorted(steps) and "2. Fry each pancake in butter." in steps
+    assert "File your tax return before April." not in texts  # the other section stays out
+
+
+def test_rule_places_an_image_after_the_unit_it_followed(embedder):
+    units = [
+        AnswerUnit(text="1. Mix flour, eggs and milk into a batter.", kind="item"),
+        AnswerUnit(text="2. Fry each pancake in butter.", kind="item"),
+        AnswerUnit(text="3. Serve with maple syrup.", kind="item"),
+    ]
+    plan = rule_plan(units, [FRYING, CAR], embedder)
+    assert plan == [Placement(image="images/frying.jpg", after=2)]
+
+
+def test_rule_keeps_document_order_and_one_image_per_slot(embedder):
+    units = [AnswerUnit(text="Fluffy pancakes for breakfast."), AnswerUnit(text="2. Fry each pancake in butter.")]
+    plan = rule_plan(units, [STACK, FRYING], embedder)
+    assert [p.image for p in plan] == ["images/stack.jpg", "images/frying.jpg"]
+    assert len({p.after for p in plan}) == len(plan)
+
+
+def test_edge_cases_have_defined_results(embedder):
+    assert rule_plan([], [FRYING], embedder) == []  # an answer with no sentences
+    bare = candidate("images/bare.jpg", None, None, None, 5)  # no caption, no context
+    assert rule_plan([AnswerUnit(text="Anything at all.")], [bare], embedder) == []
+    assert insert([], [FRYING], "llm", embedder).placements == []  # no LM call for an empty answer
+    with pytest.raises(ValueError, match="unknown inserter backend"):
+        insert([AnswerUnit(text="x")], [FRYING], "magic", embedder)
+
+
+UNITS = [AnswerUnit(text="One."), AnswerUnit(text="Two.")]
+
+
+@pytest.mark.parametrize(
+    ("output", "error"),
+    [
+        ('<think>ok</think><answer>[{"image": "images/frying.jpg", "after": 1}]</answer>', None),
+        ("<think>x</think><answer>[]</answer>", None),
+        ('<answer>[{"image": "images/frying.jpg", "after": 1}]</answer>', "not <think>"),
+        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1}]</answer> trailing', "not <think>"),
+        ("<think>x</think><answer>{not json}</answer>", "not JSON"),
+        ('<think>x</think><answer>{"image": "images/frying.jpg"}</answer>', "not a JSON list"),
+        ('<think>x</think><answer>[{"image": "images/nope.jpg", "after": 1}]</answer>', "not a candidate"),
+        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 3}]</answer>', "0..2"),
+        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": true}]</answer>', "sentence number"),
+        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1, "why": 2}]</answer>', "is not"),
+        (
+            '<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1}, '
+            '{"image": "images/frying.jpg", "after": 2}]</answer>',
+            "twice",
+        ),
+    ],
+)
+def test_plan_parser_is_strict(output, error):
+    if error is None:
+        plan = parse_plan(output, UNITS, [FRYING])
+        assert all(isinstance(p, Placement) for p in plan)
+    else:
+        with pytest.raises(PlanFormatError, match=error):
+            parse_plan(output, UNITS, [FRYING])
+
+
+def test_llm_inserter_falls_back_to_rule_when_the_lm_times_out(embedder):
+    from services.common.llm import LocalChatModel, OpenAIChatModel
+    from tests.openai_server import OpenAIServer
+
+    # The server's model is never reached: the client gives up first (constructing it loads nothing).
+    with OpenAIServer(LocalChatModel("HuggingFaceTB/SmolLM2-135M-Instruct")) as server:
+        server.sleep_s = 3.0  # longer than the client's timeout
+        model = OpenAIChatModel(server.base_url, "m", timeout_s=0.5, retries=0)
+        units = [AnswerUnit(text="2. Fry each pancake in butter.", kind="item")]
+        plan = insert(units, [FRYING], "llm", embedder, chat_model=model)
+    assert plan.fallback_reason and plan.fallback_reason.startswith("LLMTimeout")
+    assert plan.placements == rule_plan(units, [FRYING], embedder)
+
+
+def test_merger_outputs_and_a_vanished_image(servers):
+    from services.common.storage import get_store
+    from tests.corpus_fixtures import png
+
+    store = get_store()
+    store.ensure_bucket()
+    stored = store.put_content(png((9, 9, 9)), "image/png", prefix="images")
+    here = FRYING.model_copy(update={"s3_key": stored.key})
+    gone = STACK.model_copy(update={"s3_key": "images/00/00/vanished"})
+    units = [
+        AnswerUnit(text="Fluffy pancakes."),
+        AnswerUnit(text="They are good."),
+        AnswerUnit(text="2. Fry each pancake in butter.", kind="item"),
+    ]
+    plan = InsertionPlan(
+        backend="rule",
+        placements=[Placement(image=gone.source_name, after=0), Placement(image=here.source_name, after=3)],
+    )
+    merged, page = merge("How?", units, plan, [here, gone], store)
+    assert [b.type for b in merged.blocks] == ["image", "text", "text", "image"]
+    assert merged.blocks[1].text == "Fluffy pancakes. They are good."  # sentences make one paragraph
+    assert merged.markdown == (
+        "![A stack of pancakes](images/stack.jpg)\n\nFluffy pancakes. They are good.\n\n"
+        "2. Fry each pancake in butter.\n\n![Pancake frying in a pan](images/frying.jpg)\n"
+    )
+    assert "data:image/png;base64," in page
+    assert "[image images/stack.jpg unavailable]" in page
+    assert merged.warnings == ["image images/stack.jpg is missing from storage (images/00/00/vanished)"]
+    assert to_markdown(interleave([], InsertionPlan(backend="rule", placements=[]), [])) == "\n"
+
+
+def wait_for_queries(query_ids: list[uuid.UUID], timeout: float) -> dict[uuid.UUID, Query]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            queries = {q.id: q for q in session.scalars(select(Query).where(Query.id.in_(query_ids)))}
+        if all(q.status in ("succeeded", "failed") for q in queries.values()):
+            return queries
+        time.sleep(0.5)
+    raise AssertionError(f"queries not done after {timeout}s: {[q.status for q in queries.values()]}")
+
+
+@pytest.mark.slow
+def test_pipeline_through_the_four_queues(workers, tmp_path):
+    from services.common.celery_app import app
+    from services.common.storage import get_store
+    from tests.corpus_fixtures import write_markdown_corpus
+    from tests.test_ingest import ingest_in_process
+
+    name = f"pipeline-{uuid.uuid4().hex[:8]}"
+    ingest_in_process(write_markdown_corpus(tmp_path / "corpus"), name)
+    for stage in ("retriever", "generator", "inserter", "merger"):
+        workers.start(stage)
+    with session_scope() as session:
+        job = Job(kind="answer", config={"collection": name, "generator": "extractive", "inserter": "rule"})
+        broken = Job(kind="answer", config={"collection": "no-such-collection"})
+        session.add_all([job, broken])
+        session.flush()
+        queries = [
+            Query(job_id=job.id, external_id="q1", question="How do I fry pancakes?"),
+            Query(job_id=job.id, external_id="q2", question="What is in the tomato soup?"),
+            Query(job_id=broken.id, external_id="q3", question="Anything?"),
+        ]
+        session.add_all(queries)
+        session.flush()
+        ids = [q.id for q in queries]
+    for query_id in ids:
+        app.send_task("retriever.retrieve", args=[{"query_id": str(query_id)}])
+    done = wait_for_queries(ids, 180)
+    assert done[ids[0]].status == "succeeded" and done[ids[1]].status == "succeeded"
+    assert done[ids[2]].status == "failed" and "no collection named 'no-such-collection'" in done[ids[2]].error
+    with session_scope() as session:
+        answer = session.execute(select(Answer).where(Answer.query_id == ids[0])).scalar_one()
+    images = [b["source_name"] for b in answer.blocks if b["type"] == "image"]
+    assert "images/frying.jpg" in images
+    text = " ".join(b["text"] for b in answer.blocks if b["type"] == "text")
+    assert "Fry each pancake in butter." in text
+    page = get_store().get(answer.html_key).decode()
+    assert "data:image/" in page and "Fry each pancake" in page
