@@ -70,7 +70,7 @@ def load(conn: psycopg.Connection, collection: int, document: int, vectors: np.n
         conn.cursor() as cur,
         cur.copy(
             "COPY chunks (document_id, collection_id, ordinal, text, embedding, embedding_dim) "
-        "FROM STDIN WITH (FORMAT BINARY)"
+            "FROM STDIN WITH (FORMAT BINARY)"
         ) as copy,
     ):
         copy.set_types(["int8", "int8", "int4", "text", "vector", "int4"])
