@@ -224,3 +224,51 @@ def test_pipeline_through_the_four_queues(workers, tmp_path):
     assert "Fry each pancake in butter." in text
     page = get_store().get(answer.html_key).decode()
     assert "data:image/" in page and "Fry each pancake" in page
+
+
+def test_checkpoint_backend_serves_a_registered_model(servers, tmp_path, monkeypatch, embedder):
+    """A registered inserter model (as the trainer registers them) is fetched from S3 once, loaded
+    as a causal LM and prompted; this tiny random model writes no valid plan, so `rule` answers and
+    the plan says why."""
+    import transformers
+
+    from services.common.models import RegisteredModel
+    from services.common.settings import get_settings
+    from services.common.storage import get_store
+    from services.inserter import registry
+    from services.retriever.embedding import resolve_model_source
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_source("all-MiniLM-L6-v2"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    store = get_store()
+    store.ensure_bucket()
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    for path in folder.iterdir():
+        store.put_named(f"models/{name}/{path.name}", path.read_bytes())
+    with session_scope() as session:
+        session.add(
+            RegisteredModel(name=name, kind="inserter", base_model="random tiny llama", s3_prefix=f"models/{name}")
+        )
+    monkeypatch.setattr(get_settings(), "model_cache_dir", tmp_path / "cache")
+    units = [AnswerUnit(text="2. Fry each pancake in butter.", kind="item")]
+    plan = insert(units, [FRYING], f"checkpoint:{name}", embedder)
+    assert (tmp_path / "cache" / "registered").exists()  # downloaded from S3
+    assert plan.raw_output is not None  # the model was loaded and generated
+    assert plan.fallback_reason.startswith("PlanFormatError")
+    assert plan.placements == rule_plan(units, [FRYING], embedder)
+    with pytest.raises(registry.UnknownModel, match="no registered inserter model"):
+        registry.download_checkpoint("never-registered")
