@@ -56,15 +56,15 @@ def passage_units(passages: list[Passage]) -> list[PassageUnit]:
 
 
 def focused_passages(passages: list[Passage], min_units: int = MIN_FOCUSED_UNITS) -> list[Passage]:
-    """The passages of the best passage's section (same document and heading); others only when the
-    section alone is too short. An answer that wanders into neighbouring sections brings their
-    images along, which is what hurt precision most (bench/README.md)."""
+    """The passages of the best passage's document; others only when it alone is too short. An
+    answer that wanders into other documents brings their images along, which is what hurt image
+    precision most; keeping only the best passage's *section* hurt recall more (bench/README.md)."""
     if not passages:
         return []
     top = passages[0]
-    section = [p for p in passages if p.document_id == top.document_id and p.heading == top.heading]
-    if len(passage_units(section)) >= min_units:
-        return section
+    document = [p for p in passages if p.document_id == top.document_id]
+    if len(passage_units(document)) >= min_units:
+        return document
     return passages
 
 
