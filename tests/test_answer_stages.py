@@ -272,3 +272,29 @@ def test_checkpoint_backend_serves_a_registered_model(servers, tmp_path, monkeyp
     assert plan.placements == rule_plan(units, [FRYING], embedder)
     with pytest.raises(registry.UnknownModel, match="no registered inserter model"):
         registry.download_checkpoint("never-registered")
+
+
+def test_openai_generator_through_a_real_server_and_its_failure(monkeypatch, embedder):
+    """The `openai` generator against a real OpenAI-compatible server (backed by the local model);
+    a server that refuses gives a readable GenerationError (the task records it on the query)."""
+    from services.common import llm
+    from services.common.contracts import Retrieval
+    from services.common.settings import get_settings
+    from services.generator.core import GenerationError, generate
+    from tests.openai_server import OpenAIServer
+
+    retrieval = Retrieval(collection="c", question="How do I fry pancakes?", passages=[PASSAGE], candidates=[FRYING])
+    with OpenAIServer(llm.LocalChatModel("HuggingFaceTB/SmolLM2-135M-Instruct")) as server:
+        monkeypatch.setattr(get_settings(), "openai_base_url", server.base_url)
+        monkeypatch.setattr(get_settings(), "openai_retries", 0)
+        monkeypatch.setattr(get_settings(), "openai_timeout_s", 600.0)  # a busy 2-core CPU, a first load
+        monkeypatch.setattr("services.generator.core.MAX_NEW_TOKENS", 32)  # keep the test short
+        llm._chat_model.cache_clear()
+        answer = generate(retrieval, "openai:smollm2", embedder)
+        assert answer.units and answer.completion_tokens > 0
+        assert all(unit.text.strip() for unit in answer.units)
+        server.bad_request = "model not found"
+        llm._chat_model.cache_clear()
+        with pytest.raises(GenerationError, match="openai:smollm2 generator failed: .*model not found"):
+            generate(retrieval, "openai:smollm2", embedder)
+    llm._chat_model.cache_clear()
