@@ -453,22 +453,9 @@ class LocalCluster:
         echo(f"migrations: database at revision {revision}")
 
     def worker_argv(self, stage: Stage) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "services.common.celery_app",
-            "worker",
-            "-Q",
-            stage.queue,
-            "-n",
-            f"{stage.value}@%h",
-            "--concurrency",
-            str(self.worker_concurrency),
-            "--loglevel",
-            "INFO",
-        ]
+        from services.common.celery_app import worker_argv
+
+        return worker_argv(stage.queue, f"{stage.value}@%h", self.worker_concurrency)
 
     def ensure_workers(self, env: dict[str, str], echo: Callable[[str], None]) -> None:
         for stage in Stage:

@@ -122,22 +122,9 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Run one stage worker in the foreground, consuming its own queue (to scale a stage by hand)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "services.common.celery_app",
-        "worker",
-        "-Q",
-        stage.queue,
-        "-n",
-        f"{stage.value}@%h",
-        "--concurrency",
-        str(concurrency),
-        "--loglevel",
-        loglevel,
-    ]
+    from services.common.celery_app import worker_argv
+
+    argv = worker_argv(stage.queue, f"{stage.value}@%h", concurrency, loglevel)
     os.execv(sys.executable, argv)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,32 +103,15 @@ class Workers:
     started: list[WorkerProcess] = field(default_factory=list)
     count: int = 0
 
-    def start(
-        self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None
-    ) -> WorkerProcess:
+    def start(self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None) -> WorkerProcess:
         self.count += 1
         name = f"{stage}-{self.count}@test"
         log = self.servers.state_dir / "logs" / f"test-worker-{stage}-{self.count}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**self.base_env, **(extra_env or {})}
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "services.common.celery_app",
-            "worker",
-            "-Q",
-            stage,
-            "-n",
-            name,
-            "--concurrency",
-            str(concurrency),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+        from services.common.celery_app import worker_argv
+
+        argv = worker_argv(stage, name, concurrency) + ["--without-mingle", "--without-gossip"]
         with open(log, "ab") as log_file:
             process = subprocess.Popen(
                 argv,
@@ -154,9 +136,7 @@ class Workers:
             replies = app.control.ping(destination=[worker.name], timeout=0.5) or []
             if any(worker.name in reply for reply in replies):
                 return
-        raise RuntimeError(
-            f"worker {worker.name} did not answer ping in {timeout}s: {worker.log.read_text()[-3000:]}"
-        )
+        raise RuntimeError(f"worker {worker.name} did not answer ping in {timeout}s: {worker.log.read_text()[-3000:]}")
 
     def stop_all(self) -> None:
         for worker in self.started:

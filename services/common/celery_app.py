@@ -47,3 +47,25 @@ def configure(app: Celery) -> None:
 # Settings are read when Celery first needs its configuration, not at import.
 app = Celery("m2io", include=TASK_MODULES)
 app.on_configure.connect(lambda sender, **_: configure(sender), weak=False)
+
+
+def worker_argv(queue: str, name: str, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
+    """The command line of a worker consuming one queue (used by `m2io up`, `m2io worker`, tests)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "services.common.celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "-n",
+        name,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+    ]

@@ -155,6 +155,16 @@ def stage_task(
     return decorate
 
 
+def send_to(task_name: str) -> Callable[[Any], None]:
+    """`then=send_to("generator.generate")`: enqueue the same payload for the next stage's task."""
+
+    def send(payload: Any) -> None:
+        app.send_task(task_name, args=[payload.model_dump(mode="json")])
+
+    send.__name__ = f"send_to_{task_name.replace('.', '_')}"
+    return send
+
+
 def hand_on(task: Task, then: Callable[[Any], None] | None, payload: Any) -> None:
     """Enqueue the next hop. If the broker is unreachable, retry this task: the redelivery finds
     the stage done and only enqueues again, so no query is left stranded between two stages."""

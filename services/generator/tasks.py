@@ -11,20 +11,14 @@ from services.common.queues import Stage
 from services.common.settings import get_settings
 from services.common.smoke import smoke_task
 from services.common.stage_runs import query_and_config, stage_output
-from services.common.tasks import stage_task
+from services.common.tasks import send_to, stage_task
 from services.generator.core import generate
 from services.retriever.embedding import get_embedder
 
 smoke = smoke_task(Stage.GENERATOR)
 
 
-def to_inserter(ref: QueryRef) -> None:
-    from services.common.celery_app import app
-
-    app.send_task("inserter.insert", args=[ref.model_dump(mode="json")])
-
-
-@stage_task(Stage.GENERATOR, "generate", QueryRef, then=to_inserter)
+@stage_task(Stage.GENERATOR, "generate", QueryRef, then=send_to("inserter.insert"))
 def generate_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
     _, config = query_and_config(ref.query_id)
     retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))

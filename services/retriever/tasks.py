@@ -11,7 +11,7 @@ from services.common.db import session_scope
 from services.common.models import Job, Query
 from services.common.queues import Stage
 from services.common.smoke import smoke_task
-from services.common.tasks import RefusedMessage, queue_task, stage_task
+from services.common.tasks import RefusedMessage, queue_task, send_to, stage_task
 from services.retriever.embedding import get_embedder
 from services.retriever.ingest_runs import index_batch
 from services.retriever.search import DEFAULT_CANDIDATES, DEFAULT_TOP_K, get_collection, retrieve
@@ -27,13 +27,7 @@ def ingest(batch: IngestBatch, task: Task) -> dict[str, Any]:
         raise RefusedMessage(str(error)) from error
 
 
-def to_generator(ref: QueryRef) -> None:
-    from services.common.celery_app import app
-
-    app.send_task("generator.generate", args=[ref.model_dump(mode="json")])
-
-
-@stage_task(Stage.RETRIEVER, "retrieve", QueryRef, then=to_generator)
+@stage_task(Stage.RETRIEVER, "retrieve", QueryRef, then=send_to("generator.generate"))
 def retrieve_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
     with session_scope() as session:
         query = session.get(Query, ref.query_id)
