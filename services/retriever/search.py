@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from services.common.contracts import CandidateImage, Passage, Retrieval
 from services.common.models import Collection, Image
+from services.common.settings import get_settings
 from services.retriever.embedding import Embedder
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion
-EF_SEARCH = 100  # HNSW beam width: recall@10 above 0.95 on our benchmarks at modest cost
 DEFAULT_TOP_K = 5
 DEFAULT_CANDIDATES = 12
 
@@ -46,7 +46,8 @@ def rrf(rank: int | None) -> float:
 def vector_ranks(session: Session, table: str, collection: Collection, query_vector: str, limit: int) -> list[int]:
     dim = collection.embedding_dim
     # Iterative scans keep reading the index until enough rows pass the collection filter.
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {EF_SEARCH}"))
+    ef_search = int(get_settings().hnsw_ef_search)  # validated 10..1000
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {ef_search}"))
     session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
     rows = session.execute(
         text(
