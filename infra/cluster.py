@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import redis
 
 from infra.processes import (
     ProcessRecord,
@@ -34,6 +33,7 @@ from infra.processes import (
     stop,
     tail,
 )
+from services.common.health import Probe, online_workers, probe_postgres, probe_redis, probe_s3, workers_of
 from services.common.queues import Stage
 from services.common.settings import CLUSTER_ENV_FILE, Settings
 
@@ -45,6 +45,11 @@ DASHBOARD_APP = REPO_ROOT / "dashboard" / "app.py"
 
 class ClusterError(RuntimeError):
     pass
+
+
+def as_state(probe: Probe, healthy_state: str = "healthy") -> tuple[str, str]:
+    """A shared health probe as a row of `m2io ps`."""
+    return (healthy_state if probe.healthy else "unhealthy"), probe.detail
 
 
 @dataclass
@@ -210,10 +215,7 @@ class LocalCluster:
 
     @staticmethod
     def _redis_answers(url: str) -> bool:
-        try:
-            return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-        except redis.RedisError:
-            return False
+        return probe_redis(url).healthy
 
     def process_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**os.environ, **env, "M2IO_STATE_DIR": str(self.state_dir), "HF_HUB_OFFLINE": "1"}
@@ -554,30 +556,15 @@ class LocalCluster:
 
     @staticmethod
     def _probe_postgres(url: str | None, external: bool = False) -> tuple[str, str]:
-        if not url:
-            return "unhealthy", "no URL"
-        plain = url.replace("postgresql+psycopg://", "postgresql://")
-        try:
-            with psycopg.connect(plain, connect_timeout=2) as conn:
-                version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
-        except psycopg.Error as error:
-            return "unhealthy", str(error).splitlines()[0]
-        state = "external" if external else "healthy"
-        return state, f"pgvector {version[0]}" if version else "pgvector not installed yet"
+        return as_state(probe_postgres(url), "external" if external else "healthy")
 
     @staticmethod
     def _probe_redis(url: str) -> tuple[str, str]:
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
-        except redis.RedisError as error:
-            return "unhealthy", str(error)
-        return "healthy", ""
+        return as_state(probe_redis(url))
 
     def _probe_s3(self, env: dict[str, str]) -> tuple[str, str]:
-        from services.common.storage import ObjectStore
-
-        try:
-            store = ObjectStore.from_settings(
+        return as_state(
+            probe_s3(
                 Settings(
                     s3_endpoint=env.get("M2IO_S3_ENDPOINT"),
                     s3_access_key=env.get("M2IO_S3_ACCESS_KEY"),
@@ -585,26 +572,18 @@ class LocalCluster:
                     s3_bucket=env.get("M2IO_S3_BUCKET", "m2io"),
                 )
             )
-            found = store.client.bucket_exists(store.bucket)
-        except Exception as error:  # noqa: BLE001 - any failure is reported as the health detail
-            return "unhealthy", f"{type(error).__name__}: {error}"
-        return ("healthy", f"bucket {store.bucket}") if found else ("unhealthy", f"bucket {store.bucket} missing")
+        )
 
     @staticmethod
     def _worker_pongs(redis_url: str) -> set[str]:
-        from celery import Celery
-
-        probe = Celery("m2io-ps", broker=redis_url)
-        try:
-            replies = probe.control.ping(timeout=1.5) or []
-        except Exception as error:  # noqa: BLE001 - broker down: every worker shows unhealthy
+        online, error = online_workers(redis_url)
+        if error:
             print(f"warning: cannot ping workers through {redis_url}: {error}", file=sys.stderr)
-            return set()
-        return {name for reply in replies for name in reply}
+        return online
 
     @staticmethod
     def _probe_worker(stage: Stage, pongs: set[str]) -> tuple[str, str]:
-        answered = sorted(name for name in pongs if name.startswith(f"{stage.value}@"))
+        answered = workers_of(stage, pongs)
         if answered:
             return "healthy", f"queue {stage.queue}; answers ping as {answered[0]}"
         return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
