@@ -24,15 +24,22 @@ CORPORA = REPO_ROOT.parent / "shared" / "corpora"
 
 
 def m2io(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=os.environ.copy(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO_ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def collection_counts(name: str) -> dict[str, int]:
     with session_scope() as session:
         collection = session.execute(select(Collection).where(Collection.name == name)).scalar_one()
         count = lambda model: session.scalar(  # noqa: E731
-            select(func.count()).select_from(model).where(model.collection_id == collection.id))
+            select(func.count()).select_from(model).where(model.collection_id == collection.id)
+        )
         return {"documents": count(Document), "chunks": count(Chunk), "images": count(Image)}
 
 
@@ -44,27 +51,45 @@ def test_ingest_through_the_queue_reports_skips_and_is_idempotent(workers, tmp_p
     first = m2io("ingest", str(corpus), "--collection", name)
     assert first.returncode == 0, first.stdout + first.stderr
     run_id = uuid.UUID(first.stdout.strip().splitlines()[-1])  # the run id alone on the last line
-    for reason in ("invalid UTF-8", "empty document", "malformed metadata line", "missing image file",
-                   "decompression bomb", "corrupt image", "not an image"):
+    for reason in (
+        "invalid UTF-8",
+        "empty document",
+        "malformed metadata line",
+        "missing image file",
+        "decompression bomb",
+        "corrupt image",
+        "not an image",
+    ):
         assert reason in first.stdout, reason
     with session_scope() as session:
         items = session.scalars(select(IngestItem).where(IngestItem.run_id == run_id)).all()
     by_key = {item.doc_key: item for item in items if item.doc_key}
     assert {k: v.status for k, v in by_key.items()} == {
-        "pancakes": "ingested", "tomato-soup": "ingested", "bad-images": "ingested"}
+        "pancakes": "ingested",
+        "tomato-soup": "ingested",
+        "bad-images": "ingested",
+    }
     assert len(by_key["bad-images"].warnings) == 4
     assert sorted(item.reason for item in items if item.status == "skipped") == [
-        "empty document", "invalid UTF-8 at byte 5", "malformed metadata line: Expecting property name enclosed "
-        "in double quotes: line 1 column 2 (char 1)"]
+        "empty document",
+        "invalid UTF-8 at byte 5",
+        "malformed metadata line: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+    ]
     counts = collection_counts(name)
     assert counts["documents"] == 3 and counts["images"] == 4 and counts["chunks"] >= 5
     with session_scope() as session:
         pancake_images = session.execute(
-            select(Image.source_name, Image.position, Image.caption).join(Document)
-            .where(Document.doc_key == "pancakes").order_by(Image.position)).all()
+            select(Image.source_name, Image.position, Image.caption)
+            .join(Document)
+            .join(Collection, Collection.id == Document.collection_id)
+            .where(Collection.name == name, Document.doc_key == "pancakes")
+            .order_by(Image.position)
+        ).all()
         dims = session.scalars(select(Chunk.embedding_dim).join(Collection).where(Collection.name == name)).all()
     assert [(row.source_name, row.caption) for row in pancake_images] == [
-        ("images/pancakes.png", "A stack of pancakes"), ("images/frying.jpg", "Pancake frying in a pan")]
+        ("images/pancakes.png", "A stack of pancakes"),
+        ("images/frying.jpg", "Pancake frying in a pan"),
+    ]
     assert set(dims) == {384}
 
     again = m2io("ingest", str(corpus), "--collection", name)
@@ -73,7 +98,8 @@ def test_ingest_through_the_queue_reports_skips_and_is_idempotent(workers, tmp_p
     rerun = uuid.UUID(again.stdout.strip().splitlines()[-1])
     with session_scope() as session:
         statuses = session.scalars(
-            select(IngestItem.status).where(IngestItem.run_id == rerun, IngestItem.doc_key.is_not(None))).all()
+            select(IngestItem.status).where(IngestItem.run_id == rerun, IngestItem.doc_key.is_not(None))
+        ).all()
     assert sorted(statuses) == ["unchanged"] * 3
 
     soup = corpus / "docs" / "tomato-soup.md"
@@ -81,9 +107,14 @@ def test_ingest_through_the_queue_reports_skips_and_is_idempotent(workers, tmp_p
     changed = m2io("ingest", str(corpus), "--collection", name)
     assert changed.returncode == 0, changed.stderr
     with session_scope() as session:
-        soup_text = " ".join(session.scalars(
-            select(Chunk.text).join(Document).join(Collection)
-            .where(Collection.name == name, Document.doc_key == "tomato-soup")).all())
+        soup_text = " ".join(
+            session.scalars(
+                select(Chunk.text)
+                .join(Document)
+                .join(Collection)
+                .where(Collection.name == name, Document.doc_key == "tomato-soup")
+            ).all()
+        )
     assert "cream and basil" in soup_text and "Blend with stock" not in soup_text
     assert collection_counts(name)["documents"] == 3
 
@@ -113,13 +144,23 @@ def test_mramg_layout_search_cli_and_retrieve_task(workers, tmp_path):
     ingest_in_process(corpus, name)
     assert collection_counts(name) == {"documents": 2, "chunks": 2, "images": 2}
     with session_scope() as session:
-        harbour = session.execute(select(Image).where(Image.source_name == "IMAGE/images/toy/harbour.png")
-                                  .order_by(Image.id.desc())).scalars().first()
+        harbour = (
+            session.execute(
+                select(Image).where(Image.source_name == "IMAGE/images/toy/harbour.png").order_by(Image.id.desc())
+            )
+            .scalars()
+            .first()
+        )
     assert harbour.caption == "Fishing boats moored in a small harbour" and harbour.position == 1
 
     questions = tmp_path / "questions.jsonl"
-    questions.write_text(json.dumps({"id": "q1", "question": "Where do fishing boats moor?"}) + "\n"
-                         + "not json\n" + json.dumps({"id": "q2", "question": "What guides ships at night?"}) + "\n")
+    questions.write_text(
+        json.dumps({"id": "q1", "question": "Where do fishing boats moor?"})
+        + "\n"
+        + "not json\n"
+        + json.dumps({"id": "q2", "question": "What guides ships at night?"})
+        + "\n"
+    )
     found = m2io("search", "--collection", name, "--questions", str(questions), "--json", "--top-k", "2")
     assert found.returncode == 0, found.stderr
     lines = [json.loads(line) for line in found.stdout.splitlines()]
