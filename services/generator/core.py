@@ -25,6 +25,7 @@ MAX_WORDS = 260
 MIN_RELEVANCE = 0.2  # a unit less similar than this to the question is noise, not answer
 MAX_NEW_TOKENS = 320
 MIN_FOCUSED_UNITS = 3
+SECTION_MARGIN = 0.1  # cosine: how much better a sub-section's heading must match than its parent's
 
 
 class GenerationError(RuntimeError):
@@ -55,17 +56,39 @@ def passage_units(passages: list[Passage]) -> list[PassageUnit]:
     return units
 
 
-def focused_passages(passages: list[Passage], min_units: int = MIN_FOCUSED_UNITS) -> list[Passage]:
-    """The passages of the best passage's document; others only when it alone is too short. An
-    answer that wanders into other documents brings their images along, which is what hurt image
-    precision most; keeping only the best passage's *section* hurt recall more (bench/README.md)."""
+def ancestors(heading: str) -> list[str]:
+    """`A > B > C` -> [`A`, `A > B`]: the enclosing sections, outermost first."""
+    parts = heading.split(" > ")
+    return [" > ".join(parts[:n]) for n in range(1, len(parts))]
+
+
+def focused_passages(
+    passages: list[Passage], question_vector: np.ndarray | None = None, embedder: Embedder | None = None,
+    min_units: int = MIN_FOCUSED_UNITS,
+) -> list[Passage]:
+    """The passages the answer is made from: the best passage's document and, within it, the section
+    whose heading path best matches the question (with its sub-sections). Manuals answer one section
+    of long pages; a whole document brings other sections' images along, and other documents more so
+    (bench/README.md). Falls back to the document, then to all passages, when the focus is too short."""
     if not passages:
         return []
     top = passages[0]
     document = [p for p in passages if p.document_id == top.document_id]
-    if len(passage_units(document)) >= min_units:
+    if len(passage_units(document)) < min_units:
+        return passages
+    headings = sorted({p.heading for p in document if p.heading})
+    if question_vector is None or embedder is None or len(headings) < 2:
         return document
-    return passages
+    similarity = dict(zip(headings, embedder.encode(headings) @ question_vector, strict=True))
+    best = max(headings, key=similarity.get)
+    # Prefer the enclosing section when it matches almost as well: "How do I make X?" is about the
+    # whole recipe, not its Directions; "Fly View: Instrument Panel?" is about that one section.
+    for ancestor in ancestors(best):
+        if ancestor in similarity and similarity[ancestor] >= similarity[best] - SECTION_MARGIN:
+            best = ancestor
+            break
+    section = [p for p in document if p.heading and (p.heading == best or p.heading.startswith(best + " > "))]
+    return section if len(passage_units(section)) >= min_units else document
 
 
 def extractive_answer(
@@ -76,11 +99,11 @@ def extractive_answer(
     max_words: int = MAX_WORDS,
     focus: bool = True,
 ) -> list[AnswerUnit]:
-    units = passage_units(focused_passages(passages) if focus else passages)
+    query = embedder.encode([question])[0]
+    units = passage_units(focused_passages(passages, query, embedder) if focus else passages)
     if not units:
         return []
-    vectors = embedder.encode([question] + [unit.text for unit in units])
-    query, unit_vectors = vectors[0], vectors[1:]
+    unit_vectors = embedder.encode([unit.text for unit in units])
     # Relevance: similarity to the question, nudged by how the retriever ranked the passage.
     relevance = unit_vectors @ query + np.array([0.1 / (1 + unit.passage_rank) for unit in units])
     chosen: list[int] = []
