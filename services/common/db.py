@@ -35,3 +35,8 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def vector_literal(vector) -> str:
+    """A vector as pgvector's text input (`[0.1,0.2,...]`), for `CAST(:param AS vector(N))` in raw SQL."""
+    return "[" + ",".join(f"{float(v):.7f}" for v in vector) + "]"

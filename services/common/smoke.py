@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from services.common.celery_app import app
 from services.common.contracts import SmokeProbe
-from services.common.db import session_scope
+from services.common.db import session_scope, vector_literal
 from services.common.models import Chunk, Collection, Document, Job, Query, StageRun
 from services.common.queues import PIPELINE, Stage, next_stage
 from services.common.storage import ObjectStore, sha256_hex
@@ -38,10 +38,6 @@ def unit_vector(seed: int, dim: int = SMOKE_DIM) -> list[float]:
     values = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = sum(v * v for v in values) ** 0.5
     return [v / norm for v in values]
-
-
-def vector_literal(values: list[float]) -> str:
-    return "[" + ",".join(f"{v:.7f}" for v in values) + "]"
 
 
 def pgvector_roundtrip(probe_id: uuid.UUID) -> dict[str, Any]:

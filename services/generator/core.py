@@ -63,7 +63,9 @@ def ancestors(heading: str) -> list[str]:
 
 
 def focused_passages(
-    passages: list[Passage], question_vector: np.ndarray | None = None, embedder: Embedder | None = None,
+    passages: list[Passage],
+    question_vector: np.ndarray | None = None,
+    embedder: Embedder | None = None,
     min_units: int = MIN_FOCUSED_UNITS,
 ) -> list[Passage]:
     """The passages the answer is made from: the best passage's document and, within it, the section

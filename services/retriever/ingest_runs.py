@@ -117,17 +117,9 @@ def item_counts(run_id: uuid.UUID) -> Counter:
 
 
 def finish_run(run_id: uuid.UUID) -> IngestRun:
+    counts = item_counts(run_id)
     with session_scope() as session:
         run = session.get(IngestRun, run_id)
-        counts = Counter(
-            dict(
-                session.execute(
-                    select(IngestItem.status, func.count())
-                    .where(IngestItem.run_id == run_id)
-                    .group_by(IngestItem.status)
-                ).all()
-            )
-        )
         run.status = "done" if not counts.get("failed") else "done with failures"
         if counts.get("pending"):
             run.status = "incomplete"

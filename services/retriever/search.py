@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from services.common.contracts import CandidateImage, Passage, Retrieval
+from services.common.db import vector_literal
 from services.common.models import Collection, Image
 from services.common.settings import get_settings
 from services.retriever.embedding import Embedder
@@ -33,10 +34,6 @@ def get_collection(session: Session, name: str) -> Collection:
         known = session.scalars(select(Collection.name).order_by(Collection.name)).all()
         raise UnknownCollection(f"no collection named {name!r} (known: {', '.join(known) or 'none; ingest first'})")
     return collection
-
-
-def vector_literal(vector) -> str:
-    return "[" + ",".join(f"{float(v):.7f}" for v in vector) + "]"
 
 
 def rrf(rank: int | None) -> float:
