@@ -378,5 +378,13 @@ def search(
         raise fail(str(error)) from error
 
 
+def _register_job_commands() -> None:
+    from services.jobs.commands import register
+
+    register(app)
+
+
+_register_job_commands()
+
 if __name__ == "__main__":
     app()

@@ -112,6 +112,7 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     kind: Mapped[str] = mapped_column(String(50), comment="answer | smoke | ingest")
+    name: Mapped[str | None] = mapped_column(Text, comment="a label: the questions file, or what the user typed")
     collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id", ondelete="SET NULL"))
     config: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     created_at: Mapped[datetime] = utcnow_column()
@@ -127,8 +128,12 @@ class Query(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     external_id: Mapped[str] = mapped_column(String(500), comment="the question id of the questions file")
     question: Mapped[str] = mapped_column(Text)
+    line: Mapped[int | None] = mapped_column(Integer, comment="line of the questions file")
+    collection: Mapped[str | None] = mapped_column(String(200), comment="overrides the job's collection")
     gold: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
-    status: Mapped[str] = mapped_column(String(20), server_default="queued")
+    status: Mapped[str] = mapped_column(
+        String(20), server_default="queued", comment="queued | running | succeeded | failed | cancelled"
+    )
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = utcnow_column()
     updated_at: Mapped[datetime] = utcnow_column(onupdate=func.now())

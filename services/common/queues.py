@@ -33,3 +33,13 @@ def next_stage(stage: Stage) -> Stage | None:
 def task_routes() -> dict[str, dict[str, str]]:
     """Task names are `<stage>.<operation>`; every task of a stage goes to that stage's queue."""
     return {f"{stage.value}.*": {"queue": stage.queue} for stage in Stage}
+
+
+# The task that runs each answer stage on one query (`{"query_id": ...}`); a job enters at the
+# retriever, and a retry re-enters at the stage that failed.
+ANSWER_TASKS: dict[Stage, str] = {
+    Stage.RETRIEVER: "retriever.retrieve",
+    Stage.GENERATOR: "generator.generate",
+    Stage.INSERTER: "inserter.insert",
+    Stage.MERGER: "merger.merge",
+}

@@ -32,13 +32,20 @@ class QueryNotFound(LookupError):
     pass
 
 
+class QueryCancelled(RuntimeError):
+    """The query's job was cancelled: its remaining stages do not run."""
+
+
 def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> StageRun | None:
-    """Record a new running attempt; None when this stage already succeeded for the query."""
+    """Record a new running attempt; None when this stage already succeeded for the query.
+    QueryCancelled when its job was cancelled (the message is dropped, nothing runs)."""
     with session_scope() as session:
         # Serialise attempts of one query: a row lock on the query.
         query = session.execute(select(Query).where(Query.id == query_id).with_for_update()).scalar_one_or_none()
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
+        if query.status == "cancelled":
+            raise QueryCancelled(f"query {query_id} was cancelled")
         done = session.execute(
             select(StageRun.id).where(
                 StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "succeeded"

@@ -23,6 +23,7 @@ from services.common.celery_app import app
 from services.common.contracts import Contract
 from services.common.queues import Stage
 from services.common.stage_runs import (
+    QueryCancelled,
     QueryNotFound,
     begin_attempt,
     fail_attempt,
@@ -132,6 +133,9 @@ def stage_task(
                 attempt = begin_attempt(payload.query_id, stage.value, worker_name(task))
             except QueryNotFound as error:
                 raise RefusedMessage(str(error)) from error
+            except QueryCancelled:
+                log.info("%s: query %s was cancelled; skipped", task.name, payload.query_id)
+                return {"query_id": str(payload.query_id), "cancelled": True}
             if attempt is None:
                 log.info("%s: already succeeded for query %s; nothing new to do", task.name, payload.query_id)
                 hand_on(task, then, payload)

@@ -33,9 +33,9 @@ def retrieve_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
         query = session.get(Query, ref.query_id)
         job = session.get(Job, query.job_id)
         config = job.config or {}
-        collection_name = config.get("collection")
+        collection_name = query.collection or config.get("collection")
         if not collection_name:
-            raise ValueError("the job names no collection")
+            raise ValueError("neither the question nor its job names a collection")
         collection = get_collection(session, collection_name)
         embedder = get_embedder(collection.embedding_model)
         retrieval = retrieve(

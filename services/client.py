@@ -1,0 +1,251 @@
+"""The Python client of m2io: what the CLI does, for scripts and the dashboard.
+
+    from services.client import Client
+    client = Client()
+    job = client.submit("questions.jsonl", collection="recipes")
+    status = client.wait(job)
+    client.export(job, "answers/")
+
+It talks to the cluster the settings point at (`M2IO_*` variables, else `<state dir>/cluster.env`
+written by `m2io up`): Postgres for jobs and answers, Redis to enqueue, S3 for answers' bytes.
+Errors a user can fix are `JobError` (bad submission) and `UnknownJob`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+
+from services.common.contracts import InsertionPlan, Retrieval, TextAnswer
+from services.common.db import session_scope
+from services.common.models import Answer, Collection, Document, Image, Query, StageRun
+from services.jobs import core
+from services.jobs.core import JobError, JobStatus, RetryReport, UnknownJob
+from services.jobs.questions import QuestionLine, from_records, read_questions
+
+__all__ = ["Client", "JobError", "UnknownJob", "JobStatus", "RetryReport", "QueryView", "AnswerView"]
+
+
+class QueryView(BaseModel):
+    """One query of a job with its per-stage state and timings (the job detail page)."""
+
+    query_id: uuid.UUID
+    id: str
+    question: str
+    status: str
+    error: str | None
+    line: int | None
+    stages: dict[str, dict[str, Any]]  # stage -> {status, attempts, seconds, worker}
+    has_answer: bool
+
+
+class AnswerView(BaseModel):
+    """Everything about one answer: the interleaved blocks, how they came to be, and the gold."""
+
+    query_id: uuid.UUID
+    job_id: uuid.UUID
+    id: str
+    question: str
+    status: str
+    error: str | None
+    markdown: str | None
+    blocks: list[dict[str, Any]]
+    html_key: str | None
+    retrieval: Retrieval | None
+    text_answer: TextAnswer | None
+    plan: InsertionPlan | None
+    gold: dict[str, Any]
+    metrics: dict[str, Any] | None  # when the question has gold fields
+
+
+class Client:
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection with its model and how many documents and images it holds."""
+        with session_scope() as session:
+            documents = dict(
+                session.execute(select(Document.collection_id, func.count()).group_by(Document.collection_id)).all()
+            )
+            images = dict(
+                session.execute(select(Image.collection_id, func.count()).group_by(Image.collection_id)).all()
+            )
+            return [
+                {
+                    "name": c.name,
+                    "embedding_model": c.embedding_model,
+                    "dimension": c.embedding_dim,
+                    "documents": documents.get(c.id, 0),
+                    "images": images.get(c.id, 0),
+                    "created_at": c.created_at,
+                }
+                for c in session.scalars(select(Collection).order_by(Collection.name))
+            ]
+
+    def submit(
+        self,
+        questions: str | Path | Iterable[dict[str, Any]] | list[QuestionLine],
+        collection: str,
+        *,
+        generator: str | None = None,
+        inserter: str | None = None,
+        top_k: int | None = None,
+        candidates: int | None = None,
+        name: str | None = None,
+    ) -> uuid.UUID:
+        """Submit a job: a questions .jsonl path, or question dicts (`id`, `question`, gold fields)."""
+        if isinstance(questions, str | Path):
+            parsed = read_questions(Path(questions))
+            name = name or Path(questions).name
+        else:
+            items = list(questions)
+            parsed = items if items and isinstance(items[0], QuestionLine) else from_records(items)
+        return core.submit_job(
+            parsed,
+            collection,
+            generator=generator,
+            inserter=inserter,
+            top_k=top_k,
+            candidates=candidates,
+            name=name,
+        )
+
+    def status(self, job_id: str | uuid.UUID) -> JobStatus:
+        return core.job_status(job_id)
+
+    def jobs(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[JobStatus]:
+        return core.list_jobs(limit=limit, state=state, search=search)
+
+    def wait(
+        self,
+        job_id: str | uuid.UUID,
+        *,
+        timeout: float | None = None,
+        stall_timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_update: Callable[[JobStatus], None] | None = None,
+    ) -> JobStatus:
+        """Poll until the job ends. TimeoutError after `timeout` seconds in all, or after
+        `stall_timeout` seconds without any stage finishing anything (the job goes on)."""
+        started = time.monotonic()
+        last_progress, last_seen = started, None
+        while True:
+            status = core.job_status(job_id)
+            if on_update is not None:
+                on_update(status)
+            if status.done:
+                return status
+            seen = (
+                tuple((s.succeeded, s.failed, s.attempts) for s in status.stages),
+                tuple(sorted(status.counts.items())),
+            )
+            if seen != last_seen:
+                last_seen, last_progress = seen, time.monotonic()
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(f"job {status.id} still {status.state} after {timeout:.0f}s")
+            if stall_timeout is not None and time.monotonic() - last_progress > stall_timeout:
+                raise TimeoutError(f"job {status.id}: no progress for {stall_timeout:.0f}s ({status.state})")
+            time.sleep(poll_s)
+
+    def retry(self, job_id: str | uuid.UUID) -> RetryReport:
+        return core.retry_job(job_id)
+
+    def cancel(self, job_id: str | uuid.UUID) -> int:
+        return core.cancel_job(job_id)
+
+    def export(self, job_id: str | uuid.UUID, out_dir: str | Path):
+        from services.jobs.export import export_job
+
+        return export_job(job_id, Path(out_dir))
+
+    def evaluate(self, job_ids: list[str | uuid.UUID], out: str | Path | None = None) -> list[dict[str, Any]]:
+        """Score finished jobs (stored as eval runs); with `out`, write REPORT.json and REPORT.png."""
+        from services.jobs.evaluate import score_job, write_report
+
+        reports = [score_job(job_id) for job_id in job_ids]
+        if out is not None:
+            write_report(reports, Path(out))
+        return reports
+
+    def queries(self, job_id: str | uuid.UUID) -> list[QueryView]:
+        job_id = core.parse_job_id(job_id)
+        with session_scope() as session:
+            queries = session.scalars(
+                select(Query).where(Query.job_id == job_id).order_by(Query.line.nulls_last(), Query.created_at)
+            ).all()
+            runs = session.execute(
+                select(StageRun)
+                .join(Query, Query.id == StageRun.query_id)
+                .where(Query.job_id == job_id)
+                .order_by(StageRun.attempt)
+            ).scalars()
+            answered = set(
+                session.scalars(
+                    select(Answer.query_id).join(Query, Query.id == Answer.query_id).where(Query.job_id == job_id)
+                )
+            )
+            stages: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
+            for run in runs:
+                entry = stages.setdefault(run.query_id, {}).setdefault(run.stage, {"attempts": 0})
+                entry["attempts"] += 1
+                if entry.get("status") != "succeeded":
+                    entry.update(
+                        status=run.status,
+                        worker=run.worker,
+                        started_at=run.started_at,
+                        seconds=(run.finished_at - run.started_at).total_seconds() if run.finished_at else None,
+                        error=run.error,
+                    )
+            return [
+                QueryView(
+                    query_id=q.id,
+                    id=q.external_id,
+                    question=q.question,
+                    status=q.status,
+                    error=q.error,
+                    line=q.line,
+                    stages=stages.get(q.id, {}),
+                    has_answer=q.id in answered,
+                )
+                for q in queries
+            ]
+
+    def answer(self, query_id: str | uuid.UUID) -> AnswerView:
+        from services.jobs.evaluate import score_query
+
+        query_id = uuid.UUID(str(query_id))
+        with session_scope() as session:
+            query = session.get(Query, query_id)
+            if query is None:
+                raise LookupError(f"no query {query_id}")
+            answer = session.execute(select(Answer).where(Answer.query_id == query_id)).scalar_one_or_none()
+            outputs = dict(
+                session.execute(
+                    select(StageRun.stage, StageRun.output).where(
+                        StageRun.query_id == query_id, StageRun.status == "succeeded"
+                    )
+                ).all()
+            )
+            view = AnswerView(
+                query_id=query.id,
+                job_id=query.job_id,
+                id=query.external_id,
+                question=query.question,
+                status=query.status,
+                error=query.error,
+                markdown=answer.markdown if answer else None,
+                blocks=answer.blocks if answer else [],
+                html_key=answer.html_key if answer else None,
+                retrieval=Retrieval.model_validate(outputs["retriever"]) if "retriever" in outputs else None,
+                text_answer=TextAnswer.model_validate(outputs["generator"]) if "generator" in outputs else None,
+                plan=InsertionPlan.model_validate(outputs["inserter"]) if "inserter" in outputs else None,
+                gold=dict(query.gold or {}),
+                metrics=None,
+            )
+        if view.gold.get("gold_answer"):
+            view.metrics = score_query(view.question, view.gold, outputs, view.status)
+        return view

@@ -1,0 +1,176 @@
+"""Score finished jobs against the gold fields of their questions (MRAMG-Bench's metrics).
+
+Per question: image precision / recall / F1, ordering, position accuracy, ROUGE-L (all from
+`services.common.metrics`), and the retrieval's own recall: the share of gold images among the
+candidates the inserter was offered (`retrieval_image_recall`) and whether the gold document was
+among the retrieved passages (`retrieval_doc_hit`). Images are compared by file name (the gold
+lists names, answers carry source paths). A question that failed scores 0 on every answer metric:
+the user got nothing. Questions without `gold_answer` are not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from services.common.contracts import InsertionPlan, Retrieval, TextAnswer
+from services.common.db import session_scope
+from services.common.metrics import aggregate, answer_metrics
+from services.common.models import EvalRun, Query, StageRun
+from services.common.queues import Stage
+from services.jobs.core import job_status, parse_job_id
+
+ANSWER_METRICS = ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l")
+RETRIEVAL_METRICS = ("retrieval_image_recall", "retrieval_doc_hit")
+PLOTTED = ("image_f1", "ordering", "position_accuracy", "rouge_l", "retrieval_image_recall")
+
+
+def basename(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def retrieval_metrics(retrieval: Retrieval | None, gold: dict[str, Any]) -> dict[str, float | None]:
+    gold_images = [basename(name) for name in gold.get("gold_images", [])]
+    if retrieval is None:
+        return {
+            "retrieval_image_recall": 0.0 if gold_images else None,
+            "retrieval_doc_hit": 0.0 if gold.get("doc_id") else None,
+        }
+    offered = {basename(c.source_name) for c in retrieval.candidates}
+    image_recall = sum(name in offered for name in gold_images) / len(gold_images) if gold_images else None
+    doc_hit = None
+    if gold.get("doc_id"):
+        doc_hit = float(any(p.doc_key == gold["doc_id"] for p in retrieval.passages))
+    return {"retrieval_image_recall": image_recall, "retrieval_doc_hit": doc_hit}
+
+
+def score_query(question: str, gold: dict[str, Any], outputs: dict[str, dict], status: str) -> dict[str, Any]:
+    retrieval = Retrieval.model_validate(outputs[Stage.RETRIEVER.value]) if Stage.RETRIEVER.value in outputs else None
+    row: dict[str, Any] = {}
+    if status == "succeeded" and Stage.GENERATOR.value in outputs and Stage.INSERTER.value in outputs:
+        answer = TextAnswer.model_validate(outputs[Stage.GENERATOR.value])
+        plan = InsertionPlan.model_validate(outputs[Stage.INSERTER.value])
+        placements = sorted(plan.placements, key=lambda p: p.after)
+        ordered = [basename(p.image) for p in placements]
+        positions = {basename(p.image): p.after for p in placements}
+        text = "\n".join(unit.text for unit in answer.units)
+        gold_images = [basename(name) for name in gold.get("gold_images", [])]
+        row.update(answer_metrics(text, ordered, positions, gold["gold_answer"], gold_images))
+        row["images_placed"] = len(placements)
+        row["fallback"] = bool(plan.fallback_reason)
+    else:
+        row.update({key: 0.0 for key in ANSWER_METRICS})
+        if not gold.get("gold_images"):
+            row["position_accuracy"] = None
+        row["images_placed"] = 0
+    row.update(retrieval_metrics(retrieval, gold))
+    return row
+
+
+def backend_label(config: dict[str, Any], outputs: list[dict[str, dict]]) -> str:
+    """`generator+inserter` as the stages actually ran them (the workers' defaults when unset)."""
+    generator, inserter = config.get("generator"), config.get("inserter")
+    for output in outputs:
+        generator = generator or output.get(Stage.GENERATOR.value, {}).get("backend")
+        inserter = inserter or output.get(Stage.INSERTER.value, {}).get("backend")
+        if generator and inserter:
+            break
+    return f"{generator or '?'}+{inserter or '?'}"
+
+
+def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]:
+    """The evaluation of one job: per-question rows and their aggregate (stored as an eval run)."""
+    job_id = parse_job_id(job_id)
+    status = job_status(job_id)
+    with session_scope() as session:
+        queries = session.execute(
+            select(Query.id, Query.external_id, Query.question, Query.gold, Query.status, Query.error)
+            .where(Query.job_id == job_id)
+            .order_by(Query.line.nulls_last())
+        ).all()
+        outputs: dict[uuid.UUID, dict[str, dict]] = {}
+        for query_id, stage, output in session.execute(
+            select(StageRun.query_id, StageRun.stage, StageRun.output)
+            .join(Query, Query.id == StageRun.query_id)
+            .where(Query.job_id == job_id, StageRun.status == "succeeded")
+        ):
+            outputs.setdefault(query_id, {})[stage] = output
+    rows = []
+    for query in queries:
+        gold = query.gold or {}
+        if not gold.get("gold_answer"):
+            continue
+        row = {"id": query.external_id, "status": query.status}
+        row.update(score_query(query.question, gold, outputs.get(query.id, {}), query.status))
+        if query.status != "succeeded":
+            row["error"] = query.error
+        rows.append(row)
+    numeric = [{k: v for k, v in row.items() if k in ANSWER_METRICS + RETRIEVAL_METRICS} for row in rows]
+    summary = aggregate(numeric)
+    summary["failed"] = sum(row["status"] != "succeeded" for row in rows)
+    summary["images_placed"] = sum(row["images_placed"] for row in rows)
+    summary["fallbacks"] = sum(bool(row.get("fallback")) for row in rows)
+    report = {
+        "job_id": str(job_id),
+        "collection": status.collection,
+        "backends": backend_label(status.config, list(outputs.values())),
+        "config": status.config,
+        "state": status.state,
+        "questions": len(queries),
+        "scored": len(rows),
+        "aggregate": summary,
+        "per_question": rows,
+    }
+    if record:
+        with session_scope() as session:
+            run = EvalRun(
+                job_id=job_id,
+                config={"collection": status.collection, "backends": report["backends"], **status.config},
+                metrics=summary,
+                score=summary.get("image_f1"),
+            )
+            session.add(run)
+            session.flush()
+            report["eval_run_id"] = str(run.id)
+    return report
+
+
+def write_report(reports: list[dict[str, Any]], out: Path) -> tuple[Path, Path | None]:
+    """REPORT.json (every job's per-question and aggregate metrics) and REPORT.png next to it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"jobs": reports}, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    plot = out.with_suffix(".png")
+    plot_reports(reports, plot)
+    return out, plot
+
+
+def plot_reports(reports: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars: one panel per collection, one group per metric, one bar per backend pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: workers, CI, the dashboard's server
+    import matplotlib.pyplot as plt
+
+    collections = sorted({r["collection"] or "?" for r in reports})
+    figure, axes = plt.subplots(1, len(collections), figsize=(6 * len(collections), 4.2), squeeze=False)
+    for axis, collection in zip(axes[0], collections, strict=True):
+        chosen = [r for r in reports if (r["collection"] or "?") == collection]
+        width = 0.8 / max(1, len(chosen))
+        for index, report in enumerate(chosen):
+            values = [report["aggregate"].get(metric) or 0.0 for metric in PLOTTED]
+            offsets = [m + index * width - 0.4 + width / 2 for m in range(len(PLOTTED))]
+            axis.bar(offsets, values, width, label=f"{report['backends']} ({report['job_id'][:8]})")
+        axis.set_xticks(range(len(PLOTTED)), [m.replace("_", "\n") for m in PLOTTED], fontsize=8)
+        axis.set_ylim(0, 1)
+        axis.set_title(f"{collection} ({chosen[0]['scored']} questions)")
+        axis.legend(fontsize=7, loc="upper right")
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,195 @@
+"""Export a job's answers: per question `<id>.md`, `<id>.html`, `<id>.json`, the images the Markdown
+links to, and an `index.html` that links everything.
+
+The JSON of a question is `{"id", "question", "status", "blocks": [{"type": "text", "text": ...},
+{"type": "image", "source_name": ..., "caption": ...}], "error"}`. The HTML is the merger's
+self-contained page (images embedded); the Markdown links images by source name, and those files
+are written next to it, so both render offline. A question without an answer still gets its three
+files, saying why.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import select
+
+from services.common.contracts import AnswerBlock, Retrieval
+from services.common.db import session_scope
+from services.common.models import Answer, Query, StageRun
+from services.common.queues import Stage
+from services.common.storage import ObjectMissing, ObjectStore, get_store
+from services.jobs.core import job_status, parse_job_id
+from services.merger.core import to_html
+
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def file_stem(external_id: str, taken: set[str]) -> str:
+    """A file name for a question id: unsafe characters become `_`, clashes get `-2`, `-3`...
+
+    >>> taken = set(); [file_stem(i, taken) for i in ["a/b", "a_b", "..", "ok"]]
+    ['a_b', 'a_b-2', 'question', 'ok']
+    """
+    stem = UNSAFE.sub("_", external_id).strip("._")[:120] or "question"
+    candidate, n = stem, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{stem}-{n}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def export_blocks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for block in blocks:
+        if block.get("type") == "image":
+            out.append({"type": "image", "source_name": block.get("source_name"), "caption": block.get("caption")})
+        else:
+            out.append({"type": "text", "text": block.get("text", "")})
+    return out
+
+
+def safe_relative(name: str) -> PurePosixPath | None:
+    """An image source name as a path inside the export folder, or None if it would leave it."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        return None
+    return path
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    index: Path
+    questions: int = 0
+    answered: int = 0
+    images_written: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None = None) -> ExportResult:
+    job_id = parse_job_id(job_id)
+    status = job_status(job_id, detail=False)
+    store = store or get_store()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(out_dir=out_dir, index=out_dir / "index.html")
+    with session_scope() as session:
+        rows = session.execute(
+            select(Query, Answer)
+            .outerjoin(Answer, Answer.query_id == Query.id)
+            .where(Query.job_id == job_id)
+            .order_by(Query.line.nulls_last(), Query.created_at)
+        ).all()
+        retrievals = dict(
+            session.execute(
+                select(StageRun.query_id, StageRun.output)
+                .join(Query, Query.id == StageRun.query_id)
+                .where(Query.job_id == job_id, StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded")
+            ).all()
+        )
+    taken: set[str] = {"index"}
+    written_images: set[str] = set()
+    entries = []
+    for query, answer in rows:
+        stem = file_stem(query.external_id, taken)
+        blocks = export_blocks(answer.blocks) if answer else []
+        status_text = "succeeded" if answer else query.status
+        record = {
+            "id": query.external_id,
+            "question": query.question,
+            "status": status_text,
+            "blocks": blocks,
+            "error": None if answer else query.error,
+        }
+        (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        candidates = Retrieval.model_validate(retrievals[query.id]).candidates if query.id in retrievals else []
+        if answer:
+            result.answered += 1
+            markdown = f"# {query.question}\n\n{answer.markdown}"
+            page = None
+            if answer.html_key:
+                try:
+                    page = store.get(answer.html_key).decode("utf-8")
+                except ObjectMissing:
+                    result.warnings.append(
+                        f"{query.external_id}: the stored HTML {answer.html_key} is missing; re-rendered"
+                    )
+            if page is None:
+                page, warnings = to_html(
+                    query.question, [AnswerBlock.model_validate(b) for b in answer.blocks], candidates, store
+                )
+                result.warnings += [f"{query.external_id}: {w}" for w in warnings]
+            result.images_written += write_images(blocks, candidates, store, out_dir, written_images, result)
+        else:
+            reason = query.error or f"no answer yet ({query.status})"
+            markdown = f"# {query.question}\n\n**No answer** ({query.status}): {reason}\n"
+            page = (
+                "<!doctype html><html><head><meta charset='utf-8'>"
+                f"<title>{html.escape(query.question or query.external_id)}</title></head><body>"
+                f"<h1>{html.escape(query.question or query.external_id)}</h1>"
+                f"<p class='error'><strong>No answer</strong> ({html.escape(query.status)}): {html.escape(reason)}</p>"
+                "</body></html>"
+            )
+        (out_dir / f"{stem}.md").write_text(markdown, encoding="utf-8")
+        (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+        images = sum(1 for b in blocks if b["type"] == "image")
+        entries.append((stem, query, status_text, images))
+        result.questions += 1
+    result.index.write_text(index_page(status, entries), encoding="utf-8")
+    return result
+
+
+def write_images(blocks, candidates, store, out_dir: Path, written: set[str], result: ExportResult) -> int:
+    keys = {c.source_name: c.s3_key for c in candidates}
+    count = 0
+    for block in blocks:
+        name = block.get("source_name") if block["type"] == "image" else None
+        if not name or name in written:
+            continue
+        relative = safe_relative(name)
+        if relative is None or name not in keys:
+            result.warnings.append(f"image {name!r} not written (outside the export folder or unknown)")
+            continue
+        try:
+            data = store.get(keys[name])
+        except ObjectMissing:
+            result.warnings.append(f"image {name} is missing from storage ({keys[name]})")
+            continue
+        target = out_dir / Path(*relative.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written.add(name)
+        count += 1
+    return count
+
+
+def index_page(status, entries) -> str:
+    rows = []
+    for stem, query, state, images in entries:
+        error = html.escape(query.error or "") if state != "succeeded" else ""
+        rows.append(
+            f"<tr class='{html.escape(state)}'><td>{html.escape(query.external_id)}</td>"
+            f"<td><a href='{stem}.html'>{html.escape(query.question[:200] or '(no question)')}</a></td>"
+            f"<td>{html.escape(state)}</td><td>{images}</td>"
+            f"<td><a href='{stem}.md'>md</a> · <a href='{stem}.json'>json</a></td><td>{error}</td></tr>"
+        )
+    title = html.escape(f"m2io job {status.name or status.id}")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
+        "td,th{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}"
+        "tr.failed td,tr.cancelled td{color:#a00}</style></head><body>"
+        f"<h1>{title}</h1><p>job {status.id} · collection {html.escape(status.collection or '?')} · "
+        f"{status.state} · {status.counts.get('succeeded', 0)} of {status.total} answered</p>"
+        "<table><tr><th>id</th><th>question</th><th>status</th><th>images</th><th>files</th><th>error</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )

@@ -1,0 +1,128 @@
+"""Questions files (the ../shared/corpora format): one JSON object per line, `id` and `question`
+required, gold fields (`gold_answer` with `<PIC>` markers, `gold_images`, `doc_id`, `section`)
+optional, `collection` optional (overrides the job's collection for that question).
+
+A line that cannot be a question (invalid JSON, no id, an empty or oversized question) does not
+stop the file: it becomes a `QuestionLine` with an `error`, which the job records as a failed query
+so that the rest of the batch goes on and the operator sees what was wrong, and where.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Questions are a sentence or two; the embedding model reads 256 tokens. A megabyte of text is an
+# input error (a pasted document, a broken export), not a question.
+MAX_QUESTION_CHARS = 4_000
+MAX_ID_CHARS = 200
+GOLD_FIELDS = ("gold_answer", "gold_images", "doc_id", "section")
+
+
+@dataclass
+class QuestionLine:
+    external_id: str
+    question: str
+    line: int
+    gold: dict[str, Any] = field(default_factory=dict)
+    collection: str | None = None
+    error: str | None = None
+
+
+def parse_question(record: Any, line: int) -> QuestionLine:
+    """One decoded line → a question, or a question line carrying its error."""
+    fallback_id = f"line-{line}"
+    if not isinstance(record, dict):
+        return QuestionLine(
+            fallback_id, "", line, error=f"line {line}: expected a JSON object, got {type(record).__name__}"
+        )
+    raw_id = record.get("id")
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        return QuestionLine(fallback_id, str(record.get("question", ""))[:200], line, error=f"line {line}: no `id`")
+    external_id = str(raw_id).strip()
+    if len(external_id) > MAX_ID_CHARS:
+        return QuestionLine(
+            fallback_id, "", line, error=f"line {line}: `id` is {len(external_id)} characters (limit {MAX_ID_CHARS})"
+        )
+    question = record.get("question")
+    gold = {key: record[key] for key in GOLD_FIELDS if key in record}
+    collection = record.get("collection")
+    if collection is not None and not isinstance(collection, str):
+        return QuestionLine(external_id, "", line, gold, error=f"line {line}: `collection` must be a string")
+    if not isinstance(question, str):
+        what = "no `question`" if question is None else f"`question` is a {type(question).__name__}, not text"
+        return QuestionLine(external_id, "", line, gold, collection, error=f"line {line}: {what}")
+    question = question.strip()
+    if not question:
+        return QuestionLine(external_id, "", line, gold, collection, error=f"line {line}: the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        return QuestionLine(
+            external_id,
+            question[:200] + "…",
+            line,
+            gold,
+            collection,
+            error=f"line {line}: the question is {len(question):,} characters (limit {MAX_QUESTION_CHARS:,})",
+        )
+    if "gold_images" in gold and not (
+        isinstance(gold["gold_images"], list) and all(isinstance(name, str) for name in gold["gold_images"])
+    ):
+        return QuestionLine(
+            external_id, question, line, gold, collection, error=f"line {line}: `gold_images` must be a list of names"
+        )
+    return QuestionLine(external_id, question, line, gold, collection)
+
+
+def parse_lines(lines: Iterable[bytes | str]) -> list[QuestionLine]:
+    """Every non-blank line, numbered from 1; duplicate ids after the first are errors."""
+    parsed: list[QuestionLine] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                parsed.append(
+                    QuestionLine(
+                        f"line-{number}", "", number, error=f"line {number}: invalid UTF-8 at byte {error.start}"
+                    )
+                )
+                continue
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as error:
+            entry = QuestionLine(
+                f"line-{number}", "", number, error=f"line {number}: invalid JSON ({error.msg} at column {error.colno})"
+            )
+        else:
+            entry = parse_question(record, number)
+        if entry.external_id in seen:
+            entry.error = entry.error or f"line {number}: duplicate id {entry.external_id!r}"
+            entry.external_id = f"{entry.external_id}#line-{number}"
+        seen.add(entry.external_id)
+        parsed.append(entry)
+    return parsed
+
+
+def read_questions(path: Path) -> list[QuestionLine]:
+    """A questions file; FileNotFoundError / IsADirectoryError / ValueError (empty file) for the caller to report."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the questions .jsonl file")
+    with path.open("rb") as handle:
+        questions = parse_lines(handle)
+    if not questions:
+        raise ValueError(f"{path} holds no questions")
+    return questions
+
+
+def from_records(records: Iterable[dict[str, Any]]) -> list[QuestionLine]:
+    """Questions given as Python dicts (the client, the dashboard's upload)."""
+    return parse_lines(
+        json.dumps(record, ensure_ascii=False) if isinstance(record, dict) else str(record) for record in records
+    )
