@@ -7,9 +7,10 @@ export HF_HUB_OFFLINE = 1
 setup:
 	bash infra/setup.sh
 
-# The main job: bring the local cluster up and check every queue, S3 and pgvector end to end.
+# The main job: the local cluster up, the shipped recipes ingested, their questions answered as
+# one batch job through the queues, answers exported to ./m2io-demo, a summary with metrics.
 demo: setup
-	$(VENV)/bin/m2io smoke
+	$(VENV)/bin/m2io demo
 
 test: setup
 	$(VENV)/bin/python -m pytest
