@@ -231,3 +231,35 @@ def test_demo_answers_the_shipped_corpus(workers, tmp_path):
             )
             == 1
         )
+
+
+def test_a_dead_broker_leaves_no_query_waiting_forever(servers, tmp_path):
+    """Submitting while Redis is down stores the job, marks its queries failed (retryable) and says
+    so; `retry` sends them once the broker is back."""
+    from infra.processes import free_port
+    from tests.conftest import purge_queues
+
+    name = f"broker-{uuid.uuid4().hex[:8]}"
+    ingest_in_process(write_markdown_corpus(tmp_path / "corpus"), name)
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    env_backup = os.environ["M2IO_REDIS_URL"]
+    os.environ["M2IO_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    try:
+        refused = m2io("submit", str(questions), "--collection", name)
+    finally:
+        os.environ["M2IO_REDIS_URL"] = env_backup
+    assert refused.returncode == 1 and "could not be enqueued" in refused.stderr
+    job_id = last_line(refused.stdout)
+    status = Client().status(job_id)
+    assert status.state == "failed" and {f.stage for f in status.failures} == {"enqueue"}
+    assert "could not reach the broker" in status.failures[0].error
+    try:
+        report = Client().retry(job_id)
+        assert report.requeued == {"retriever": 2}
+        from services.common.health import queue_depths
+        from services.common.settings import get_settings
+
+        assert queue_depths(get_settings().redis_url)["retriever"] >= 2
+        assert Client().status(job_id).counts == {"queued": 2}
+    finally:
+        purge_queues()

@@ -131,12 +131,17 @@ def submit(
 ) -> None:
     """Submit a batch of questions; prints the job id alone on the last line of stdout."""
     from services.client import Client, JobError
+    from services.jobs.core import EnqueueError
 
     client = Client()
     try:
         job_id = client.submit(
             questions, collection, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates, name=name
         )
+    except EnqueueError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        print(error.job_id)
+        raise typer.Exit(1) from error
     except (JobError, FileNotFoundError, IsADirectoryError, ValueError) as error:
         raise fail(str(error)) from error
     status_now = client.status(job_id)
@@ -251,11 +256,11 @@ def export(
 
 def retry(job: Annotated[str, typer.Argument(help="the job id")]) -> None:
     """Re-run a job's failed (and cancelled) queries from the stage that failed."""
-    from services.client import Client, UnknownJob
+    from services.client import Client, JobError, UnknownJob
 
     try:
         report = Client().retry(job)
-    except UnknownJob as error:
+    except (UnknownJob, JobError) as error:
         raise fail(str(error)) from error
     total = sum(report.requeued.values())
     where = ", ".join(f"{n} at {stage}" for stage, n in report.requeued.items()) or "nothing to retry"

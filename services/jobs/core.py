@@ -38,6 +38,20 @@ class UnknownJob(LookupError):
     pass
 
 
+class EnqueueError(JobError):
+    """The job is stored but its messages could not be sent (the broker is down): `retry` sends them."""
+
+    def __init__(self, job_id: uuid.UUID, count: int, error: BaseException):
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} is stored, but {count} queries could not be enqueued ({type(error).__name__}: {error}); "
+            f"they are marked failed: `m2io retry {job_id}` sends them once the broker is back"
+        )
+
+
+ENQUEUE_STAGE = "enqueue"
+
+
 def parse_job_id(job_id: str | uuid.UUID) -> uuid.UUID:
     if isinstance(job_id, uuid.UUID):
         return job_id
@@ -115,8 +129,32 @@ def submit_job(
         job_id = job.id
         runnable = [row.id for row in rows if row.status == "queued"]
     if enqueue:
-        enqueue_queries([(query_id, Stage.RETRIEVER) for query_id in runnable])
+        send_or_mark_failed(job_id, [(query_id, Stage.RETRIEVER) for query_id in runnable])
     return job_id
+
+
+def send_or_mark_failed(
+    job_id: uuid.UUID,
+    entries: list[tuple[uuid.UUID, Stage]],
+    enqueue: Callable[[list[tuple[uuid.UUID, Stage]]], None] | None = None,
+) -> None:
+    """Enqueue; if the broker cannot be reached, no query may be left `queued` with no message
+    (it would wait forever): they are marked failed, retryable, and EnqueueError says so."""
+    try:
+        (enqueue or enqueue_queries)(entries)
+    except Exception as error:
+        from kombu.exceptions import OperationalError as BrokerError
+
+        if not isinstance(error, BrokerError | ConnectionError | OSError):
+            raise
+        message = f"{ENQUEUE_STAGE}: could not reach the broker ({type(error).__name__}: {error})"
+        with session_scope() as session:
+            session.execute(
+                update(Query)
+                .where(Query.id.in_([query_id for query_id, _ in entries]), Query.status == "queued")
+                .values(status="failed", error=message[:4000], updated_at=now())
+            )
+        raise EnqueueError(job_id, len(entries), error) from error
 
 
 def enqueue_queries(entries: list[tuple[uuid.UUID, Stage]]) -> None:
@@ -315,8 +353,8 @@ def failures_of(queries, runs) -> list[QueryFailure]:
     for query in queries:
         if query.status != "failed":
             continue
-        stage = failed_stage.get(query.id, INPUT_STAGE)
         error = query.error or "failed without a message"
+        stage = failed_stage.get(query.id) or (ENQUEUE_STAGE if error.startswith(f"{ENQUEUE_STAGE}: ") else INPUT_STAGE)
         if error.startswith(f"{stage}: "):
             error = error[len(stage) + 2 :]
         failures.append(
@@ -354,9 +392,7 @@ def resume_stage(succeeded: set[str]) -> Stage:
     return next(stage for stage in PIPELINE if stage.value not in succeeded)
 
 
-def retry_job(
-    job_id: str | uuid.UUID, enqueue: Callable[[list[tuple[uuid.UUID, Stage]]], None] = enqueue_queries
-) -> RetryReport:
+def retry_job(job_id: str | uuid.UUID) -> RetryReport:
     """Re-run the failed (and cancelled) queries of a job, each from the first stage that has not
     succeeded for it: the stage that failed. Earlier stages' outputs are kept. A cancelled job is
     resumed. Queries whose line was not a question cannot be retried."""
@@ -397,7 +433,7 @@ def retry_job(
             entries.append((query.id, resume_stage(done)))
         job.cancelled_at = None
         job.finished_at = None
-    enqueue(entries)
+    send_or_mark_failed(job_id, entries)
     requeued: dict[str, int] = {}
     for _, stage in entries:
         requeued[stage.value] = requeued.get(stage.value, 0) + 1
