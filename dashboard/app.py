@@ -1,7 +1,8 @@
-"""m2io ops dashboard (Streamlit). Overview: health of Postgres, Redis, S3 and each stage's workers.
+"""m2io ops dashboard (Streamlit): overview, jobs, job detail, answers, collections, training, evaluation.
 
-More pages (jobs, answers, collections, training, evaluation) land with the dashboard issue.
-Run: `streamlit run dashboard/app.py` (`m2io up` starts it on 127.0.0.1).
+Run: `streamlit run dashboard/app.py` (`m2io up` starts it on 127.0.0.1; compose publishes it with a
+password). Pages read their ids from the query string (`?page=answer&query=<id>`), so every view
+can be linked. Bound beyond localhost, nothing shows without the password from settings.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ import hmac
 
 import streamlit as st
 
-from services.common.health import (
-    online_workers,
-    probe_postgres,
-    probe_redis,
-    probe_s3,
-    queue_depths,
-    workers_of,
-)
-from services.common.queues import Stage
+from dashboard.views import answer, collections, evaluation, job_detail, jobs, overview, training
 from services.common.settings import load_settings
+
+# slug (in the URL) -> (title, page module)
+PAGES = {
+    "overview": ("Overview", overview),
+    "jobs": ("Jobs", jobs),
+    "job": ("Job detail", job_detail),
+    "answer": ("Answer", answer),
+    "collections": ("Collections", collections),
+    "training": ("Training", training),
+    "evaluation": ("Evaluation", evaluation),
+}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def password_ok(expected: str | None) -> bool:
@@ -37,49 +42,35 @@ def password_ok(expected: str | None) -> bool:
     return False
 
 
+def current_page() -> str:
+    slugs = list(PAGES)
+    wanted = st.query_params.get("page", "overview")
+    chosen = st.sidebar.radio(
+        "Page",
+        slugs,
+        index=slugs.index(wanted) if wanted in slugs else 0,
+        format_func=lambda slug: PAGES[slug][0],
+    )
+    if chosen != wanted:
+        st.query_params["page"] = chosen
+    return chosen
+
+
 def main() -> None:
     st.set_page_config(page_title="m2io", layout="wide")
     settings = load_settings()
     password = settings.dashboard_password.get_secret_value() if settings.dashboard_password else None
-    st.title("m2io · cluster overview")
+    st.sidebar.title("m2io")
+    if settings.dashboard_host not in LOOPBACK and not password:
+        st.error(
+            f"The dashboard is bound to {settings.dashboard_host}, beyond this machine, and no password is set: "
+            "set M2IO_DASHBOARD_PASSWORD (or bind it to 127.0.0.1)."
+        )
+        st.stop()
     if not password_ok(password):
         st.stop()
-
-    servers = {
-        "PostgreSQL": probe_postgres(settings.database_url),
-        "Redis": probe_redis(settings.redis_url),
-        "S3": probe_s3(settings),
-    }
-    columns = st.columns(len(servers))
-    for column, (name, probe) in zip(columns, servers.items(), strict=True):
-        column.metric(name, "healthy" if probe.healthy else "DOWN")
-        column.caption(probe.detail)
-
-    online, broker_error = online_workers(settings.redis_url)
-    if broker_error:
-        st.error(f"Cannot reach the workers through Redis: {broker_error}")
-    depths = queue_depths(settings.redis_url)
-    rows = []
-    for stage in Stage:
-        names = workers_of(stage, online)
-        rows.append(
-            {
-                "stage": stage.value,
-                "queue": stage.queue,
-                "workers online": len(names),
-                "waiting messages": depths[stage.queue],
-                "workers": ", ".join(names) or "none",
-            }
-        )
-    st.subheader("Workers and queues")
-    st.dataframe(rows, hide_index=True, use_container_width=True)
-    missing = [row["stage"] for row in rows if row["workers online"] == 0]
-    if missing:
-        st.warning(
-            f"No worker online for: {', '.join(missing)}. Messages wait in their queues until one starts."
-        )
-    if st.button("Refresh"):
-        st.rerun()
+    page = current_page()
+    PAGES[page][1].render(settings)
 
 
 main()

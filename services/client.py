@@ -86,6 +86,100 @@ class Client:
                 for c in session.scalars(select(Collection).order_by(Collection.name))
             ]
 
+    def ingest(self, path: str | Path, collection: str, model: str | None = None) -> uuid.UUID:
+        """Read a corpus (verify and store its images in S3) and queue its documents for the
+        retriever workers; returns the ingest run id at once (`ingest_runs()` follows it)."""
+        from services.common.settings import get_settings
+        from services.common.storage import get_store
+        from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
+        from services.retriever.ingest_runs import check_collection_model, enqueue, stage_run
+
+        model = model or get_settings().embedding_model or DEFAULT_EMBEDDING_MODEL
+        check_collection_model(collection, model)
+        store = get_store()
+        store.ensure_bucket()
+        staged = stage_run(Path(path), collection, model, store)
+        enqueue(staged)
+        return staged.run_id
+
+    def ingest_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Recent ingest runs with their item counts; a run whose documents are all done is closed."""
+        from services.common.models import IngestRun
+        from services.retriever.ingest_runs import finish_run, item_counts
+
+        with session_scope() as session:
+            runs = session.scalars(select(IngestRun).order_by(IngestRun.created_at.desc()).limit(limit)).all()
+        listed = []
+        for run in runs:
+            counts = item_counts(run.id)
+            status = run.status
+            if status == "running" and not counts.get("pending"):
+                status = finish_run(run.id).status
+            listed.append(
+                {
+                    "run": str(run.id),
+                    "collection": run.collection_name,
+                    "source": run.source,
+                    "status": status,
+                    "pending": counts.get("pending", 0),
+                    "ingested": counts.get("ingested", 0),
+                    "unchanged": counts.get("unchanged", 0),
+                    "skipped": counts.get("skipped", 0),
+                    "failed": counts.get("failed", 0),
+                    "created_at": run.created_at,
+                }
+            )
+        return listed
+
+    def documents(self, collection: str, limit: int = 500) -> list[dict[str, Any]]:
+        from services.common.models import Chunk
+
+        with session_scope() as session:
+            found = core.check_collection(session, collection)
+            chunks = dict(
+                session.execute(
+                    select(Chunk.document_id, func.count())
+                    .where(Chunk.collection_id == found.id)
+                    .group_by(Chunk.document_id)
+                ).all()
+            )
+            images = dict(
+                session.execute(
+                    select(Image.document_id, func.count())
+                    .where(Image.collection_id == found.id)
+                    .group_by(Image.document_id)
+                ).all()
+            )
+            return [
+                {"document": d.doc_key, "title": d.title, "chunks": chunks.get(d.id, 0), "images": images.get(d.id, 0)}
+                for d in session.scalars(
+                    select(Document).where(Document.collection_id == found.id).order_by(Document.doc_key).limit(limit)
+                )
+            ]
+
+    def images(self, collection: str, offset: int = 0, limit: int = 24) -> list[dict[str, Any]]:
+        with session_scope() as session:
+            found = core.check_collection(session, collection)
+            rows = session.execute(
+                select(Image, Document.doc_key)
+                .join(Document, Document.id == Image.document_id)
+                .where(Image.collection_id == found.id)
+                .order_by(Document.doc_key, Image.position)
+                .offset(offset)
+                .limit(limit)
+            ).all()
+            return [
+                {
+                    "source_name": image.source_name,
+                    "caption": image.caption or image.alt_text,
+                    "document": doc_key,
+                    "s3_key": image.s3_key,
+                    "width": image.width,
+                    "height": image.height,
+                }
+                for image, doc_key in rows
+            ]
+
     def submit(
         self,
         questions: str | Path | Iterable[dict[str, Any]] | list[QuestionLine],

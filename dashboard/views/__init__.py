@@ -1,0 +1,1 @@
+"""The dashboard's pages; each module has `render()`. `dashboard/app.py` picks one."""

@@ -1,0 +1,136 @@
+"""Answer viewer: the interleaved answer with its real images from S3, the insertion plan, the retrieved
+passages and candidates; with gold fields, the gold answer side by side with the metrics."""
+
+from __future__ import annotations
+
+import uuid
+
+import streamlit as st
+
+from dashboard.views.common import client, image_bytes, link
+from services.client import AnswerView
+from services.common.metrics import PIC_MARKER
+
+
+def pick_query() -> str | None:
+    wanted = st.query_params.get("query")
+    typed = st.text_input("Query id", value=wanted or "", help="open an answer from a job's page, or paste its id")
+    if not typed:
+        st.info("Open an answer from a job's page (Job detail → Questions → open).")
+        return None
+    try:
+        uuid.UUID(typed.strip())
+    except ValueError:
+        st.error(f"{typed!r} is not a query id")
+        return None
+    if typed != wanted:
+        st.query_params["query"] = typed.strip()
+    return typed.strip()
+
+
+def show_blocks(view: AnswerView) -> None:
+    keys = {c.source_name: c.s3_key for c in (view.retrieval.candidates if view.retrieval else [])}
+    for block in view.blocks:
+        if block.get("type") == "image":
+            name = block.get("source_name") or ""
+            data = image_bytes(keys[name]) if name in keys else None
+            if data is None:
+                st.warning(f"[image {name} unavailable in storage]")
+            else:
+                st.image(data, caption=block.get("caption") or name, width=420)
+        else:
+            st.markdown(block.get("text") or "")
+
+
+def show_gold(view: AnswerView) -> None:
+    gold_images = list(view.gold.get("gold_images", []))
+    candidates = {
+        c.source_name.rsplit("/", 1)[-1]: c.s3_key for c in (view.retrieval.candidates if view.retrieval else [])
+    }
+    parts = view.gold["gold_answer"].split(PIC_MARKER)
+    for index, part in enumerate(parts):
+        if part.strip():
+            st.markdown(part)
+        if index < len(parts) - 1 and index < len(gold_images):
+            name = gold_images[index]
+            data = image_bytes(candidates[name]) if name in candidates else None
+            if data is not None:
+                st.image(data, caption=f"gold: {name}", width=300)
+            else:
+                st.caption(f"[gold image {name}: not among the candidates]")
+
+
+def render(settings) -> None:
+    st.header("Answer")
+    query_id = pick_query()
+    if query_id is None:
+        return
+    try:
+        view = client().answer(query_id)
+    except LookupError as error:
+        st.error(str(error))
+        return
+    st.markdown(f"### {view.question}")
+    st.caption(f"question `{view.id}` · status {view.status} · [job]({link('job', job=str(view.job_id))})")
+    if view.error:
+        st.error(view.error)
+    if view.metrics:
+        cols = st.columns(6)
+        for col, key in zip(
+            cols,
+            ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l"),
+            strict=True,
+        ):
+            value = view.metrics.get(key)
+            col.metric(key.replace("_", " "), "-" if value is None else f"{value:.2f}")
+        answer_col, gold_col = st.columns(2)
+        with answer_col:
+            st.subheader("Answer")
+            show_blocks(view)
+        with gold_col:
+            st.subheader("Gold answer")
+            show_gold(view)
+    else:
+        show_blocks(view)
+    if not view.blocks and not view.error:
+        st.info(f"No answer yet ({view.status}).")
+    if view.plan:
+        with st.expander(f"Insertion plan ({view.plan.backend}, {len(view.plan.placements)} images)", expanded=True):
+            units = view.text_answer.units if view.text_answer else []
+            st.dataframe(
+                [
+                    {
+                        "image": p.image,
+                        "after sentence": p.after,
+                        "sentence": units[p.after - 1].text if 0 < p.after <= len(units) else "(before the first)",
+                    }
+                    for p in view.plan.placements
+                ],
+                hide_index=True,
+                use_container_width=True,
+            )
+            if view.plan.fallback_reason:
+                st.warning(f"The LM's plan was unusable, `rule` answered: {view.plan.fallback_reason}")
+            if view.plan.raw_output:
+                st.code(view.plan.raw_output)
+    if view.retrieval:
+        with st.expander(f"Retrieved passages ({len(view.retrieval.passages)})"):
+            for passage in view.retrieval.passages:
+                st.markdown(f"**{passage.doc_key}** · {passage.heading or ''} · score {passage.score:.4f}")
+                st.text(passage.text[:1500])
+        with st.expander(f"Candidate images ({len(view.retrieval.candidates)})"):
+            st.dataframe(
+                [
+                    {
+                        "image": c.source_name,
+                        "document": c.doc_key,
+                        "caption": c.caption,
+                        "score": round(c.score, 4),
+                        "why": ", ".join(c.reasons),
+                        "placed": any(p.image == c.source_name for p in (view.plan.placements if view.plan else [])),
+                    }
+                    for c in view.retrieval.candidates
+                ],
+                hide_index=True,
+                use_container_width=True,
+            )

@@ -1,0 +1,124 @@
+"""Job detail: its queries with per-stage status and timings (a chart), error messages, links to answers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.views.common import STATE_ICON, auto_refresh_seconds, client, link, ms
+from services.client import UnknownJob
+from services.common.queues import PIPELINE
+
+STAGE_ICON = {"succeeded": "✅", "failed": "❌", "running": "⏳", "retrying": "🔁", "lost": "💥", "superseded": "➖"}
+
+
+def pick_job() -> str | None:
+    jobs = client().jobs(limit=100)
+    if not jobs:
+        st.info("No jobs yet: submit one on the Jobs page.")
+        return None
+    ids = [str(j.id) for j in jobs]
+    wanted = st.query_params.get("job")
+    if wanted and wanted not in ids:
+        ids.insert(0, wanted)
+    labels = {str(j.id): f"{str(j.id)[:8]} · {j.name or ''} · {j.state}" for j in jobs}
+    chosen = st.selectbox(
+        "Job", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=lambda i: labels.get(i, i)
+    )
+    if chosen != wanted:
+        st.query_params["job"] = chosen
+    return chosen
+
+
+def query_rows(job_id: str) -> list[dict]:
+    rows = []
+    for view in client().queries(job_id):
+        row = {
+            "id": view.id,
+            "question": view.question[:120],
+            "status": f"{STATE_ICON.get(view.status, '')} {view.status}",
+        }
+        for stage in PIPELINE:
+            info = view.stages.get(stage.value)
+            if info is None:
+                row[stage.value] = ""
+                row[f"{stage.value} ms"] = None
+                continue
+            retries = f" ×{info['attempts']}" if info["attempts"] > 1 else ""
+            row[stage.value] = f"{STAGE_ICON.get(info['status'], info['status'])}{retries}"
+            row[f"{stage.value} ms"] = ms(info.get("seconds")) if info["status"] == "succeeded" else None
+        row["error"] = view.error or ""
+        row["answer"] = link("answer", query=str(view.query_id)) if view.has_answer else None
+        rows.append(row)
+    return rows
+
+
+def render(settings) -> None:
+    st.header("Job detail")
+    job_id = pick_job()
+    if job_id is None:
+        return
+    try:
+        status = client().status(job_id)
+    except UnknownJob as error:
+        st.error(str(error))
+        return
+
+    @st.fragment(run_every=auto_refresh_seconds("job", not status.done))
+    def live() -> None:
+        current = client().status(job_id)
+        cols = st.columns(5)
+        cols[0].metric("State", f"{STATE_ICON.get(current.state, '')} {current.state}")
+        cols[1].metric("Answered", f"{current.counts.get('succeeded', 0)} / {current.total}")
+        cols[2].metric("Failed", current.counts.get("failed", 0))
+        cols[3].metric("Elapsed", f"{current.elapsed_s or 0:.1f} s")
+        cols[4].metric("Questions/s", f"{current.questions_per_s or 0:.2f}")
+        st.progress(current.progress, text=f"{current.progress:.0%} of the questions ended")
+        st.caption(
+            f"collection {current.collection} · backends {current.config.get('generator', 'default')} + "
+            f"{current.config.get('inserter', 'default')} · created {current.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        st.subheader("Stages")
+        st.dataframe(
+            [
+                {
+                    "stage": s.stage,
+                    "done": s.succeeded,
+                    "running": s.running + s.retrying,
+                    "pending": s.pending,
+                    "failed": s.failed,
+                    "redelivered": s.lost,
+                    "p50 ms": ms(s.p50_s),
+                    "p99 ms": ms(s.p99_s),
+                    "queue wait p50 ms": ms(s.wait_p50_s),
+                }
+                for s in current.stages
+            ],
+            hide_index=True,
+            use_container_width=True,
+        )
+        rows = query_rows(job_id)
+        timings = pd.DataFrame(
+            {stage.value: [row[f"{stage.value} ms"] or 0 for row in rows] for stage in PIPELINE},
+            index=[row["id"] for row in rows],
+        )
+        if not timings.empty and timings.to_numpy().sum() > 0:
+            st.subheader("Time per stage, per question (ms)")
+            st.bar_chart(timings, horizontal=True, height=max(200, 22 * len(rows)))
+        if current.failures:
+            st.subheader(f"Failures ({len(current.failures)})")
+            st.dataframe(
+                [{"question": f.id, "line": f.line, "stage": f.stage, "error": f.error} for f in current.failures],
+                hide_index=True,
+                use_container_width=True,
+            )
+        st.subheader("Questions")
+        st.dataframe(
+            rows,
+            hide_index=True,
+            use_container_width=True,
+            column_order=["id", "question", "status", *[s.value for s in PIPELINE], "error", "answer"],
+            column_config={"answer": st.column_config.LinkColumn("answer", display_text="open")},
+        )
+
+    live()

@@ -1,0 +1,95 @@
+"""Training: runs with status, reward curves per component, loss, checkpoints, registered models."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import select
+
+from dashboard.views.common import STATE_ICON, age, auto_refresh_seconds
+from services.common.db import session_scope
+from services.common.models import RegisteredModel, TrainingRun, TrainingStep
+
+
+def runs() -> list[TrainingRun]:
+    with session_scope() as session:
+        return list(session.scalars(select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(50)))
+
+
+def steps(run_id) -> pd.DataFrame:
+    with session_scope() as session:
+        rows = session.execute(
+            select(TrainingStep.phase, TrainingStep.step, TrainingStep.metrics)
+            .where(TrainingStep.run_id == run_id)
+            .order_by(TrainingStep.phase, TrainingStep.step)
+        ).all()
+    return pd.DataFrame([{"phase": phase, "step": step, **(metrics or {})} for phase, step, metrics in rows])
+
+
+def render(settings) -> None:
+    st.header("Training")
+    listed = runs()
+    if not listed:
+        st.info("No training run yet (`m2io train` starts one on the trainer worker).")
+    else:
+        st.dataframe(
+            [
+                {
+                    "run": str(run.id),
+                    "status": f"{STATE_ICON.get(run.status, '')} {run.status}",
+                    "config": ", ".join(f"{k}={v}" for k, v in (run.config or {}).items())[:200],
+                    "last checkpoint": run.last_checkpoint_key or "",
+                    "heartbeat": age(run.heartbeat_at),
+                    "age": age(run.created_at),
+                    "error": run.error or "",
+                }
+                for run in listed
+            ],
+            hide_index=True,
+            use_container_width=True,
+        )
+        ids = [str(run.id) for run in listed]
+        chosen = st.selectbox("Run", ids, key="training-run")
+        running = next(run for run in listed if str(run.id) == chosen).status in ("queued", "running")
+
+        @st.fragment(run_every=auto_refresh_seconds("training", running))
+        def curves() -> None:
+            frame = steps(chosen)
+            if frame.empty:
+                st.caption("No steps logged yet.")
+                return
+            for phase, part in frame.groupby("phase"):
+                part = part.set_index("step").drop(columns=["phase"]).dropna(axis=1, how="all")
+                rewards = [c for c in part.columns if c.startswith("reward")]
+                losses = [c for c in part.columns if "loss" in c]
+                st.subheader(f"{phase}")
+                if rewards:
+                    st.caption("rewards per component")
+                    st.line_chart(part[rewards])
+                if losses:
+                    st.caption("loss")
+                    st.line_chart(part[losses])
+
+        curves()
+    st.subheader("Registered models")
+    with session_scope() as session:
+        models = list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.created_at.desc())))
+    if not models:
+        st.caption("None yet: the trainer registers its checkpoints here (use them as `checkpoint:<name>`).")
+    else:
+        st.dataframe(
+            [
+                {
+                    "name": m.name,
+                    "kind": m.kind,
+                    "base model": m.base_model,
+                    "checkpoint": m.s3_prefix,
+                    "training run": str(m.training_run_id or ""),
+                    "metrics": ", ".join(f"{k}={v}" for k, v in (m.meta or {}).items())[:200],
+                    "age": age(m.created_at),
+                }
+                for m in models
+            ],
+            hide_index=True,
+            use_container_width=True,
+        )
