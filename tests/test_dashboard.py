@@ -32,3 +32,104 @@ def test_password_gate(monkeypatch):
     assert not app.metric
     app.text_input[0].input("s3cret-for-test").run()
     assert [metric.label for metric in app.metric] == ["PostgreSQL", "Redis", "S3"]
+
+
+def page(name: str, **params: str) -> AppTest:
+    app = AppTest.from_file(APP, default_timeout=90)
+    app.query_params["page"] = name
+    for key, value in params.items():
+        app.query_params[key] = value
+    return app.run()
+
+
+@pytest.mark.slow
+def test_every_page_on_a_finished_job(workers, tmp_path):
+    """Each page rendered by AppTest against the real servers, a job answered by real workers, its
+    evaluation, and training rows as the trainer writes them."""
+    import uuid
+
+    from services.client import Client
+    from services.common.db import session_scope
+    from services.common.models import RegisteredModel, TrainingRun, TrainingStep
+    from tests.corpus_fixtures import write_markdown_corpus
+    from tests.test_ingest import ingest_in_process
+    from tests.test_jobs import QUESTIONS
+
+    name = f"dash-{uuid.uuid4().hex[:8]}"
+    ingest_in_process(write_markdown_corpus(tmp_path / "corpus"), name)
+    for stage in ("retriever", "generator", "inserter", "merger"):
+        workers.start(stage)
+    client = Client()
+    job_id = client.submit(QUESTIONS, name, name=f"dashboard {name}")
+    assert client.wait(job_id, stall_timeout=120).state == "succeeded"
+    client.evaluate([job_id])
+    fry = next(view for view in client.queries(job_id) if view.id == "pancakes/fry")
+
+    jobs = page("jobs")
+    assert not jobs.exception
+    table = jobs.dataframe[0].value
+    row = table[table["id"] == str(job_id)].iloc[0]
+    assert row["progress"] == 1.0 and "succeeded" in row["state"] and row["merger"] == 2
+    assert jobs.get_by_key("submit-collection") is not None and name in jobs.selectbox(key="submit-collection").options
+    jobs.selectbox(key="action-job").set_value(str(job_id))
+    jobs.button(key="retry").click().run()
+    assert not jobs.exception and "nothing to retry" in jobs.success[0].value
+
+    detail = page("job", job=str(job_id))
+    assert not detail.exception
+    stages = detail.dataframe[0].value.set_index("stage")
+    assert stages.loc["merger", "done"] == 2 and stages.loc["retriever", "failed"] == 0
+    questions = detail.dataframe[-1].value.set_index("id")
+    assert questions.loc["pancakes/fry", "answer"].endswith(f"query={fry.query_id}")
+
+    answer = page("answer", query=str(fry.query_id))
+    assert not answer.exception
+    assert any("Fry each pancake in butter." in block.value for block in answer.markdown)
+    assert len(answer.image) >= 2  # the answer's image and the gold's
+    assert {metric.label for metric in answer.metric} >= {"image f1", "ordering", "rouge l"}
+    plan = answer.dataframe[0].value
+    assert "images/frying.jpg" in set(plan["image"])
+
+    collections = page("collections")
+    assert not collections.exception
+    assert name in set(collections.dataframe[0].value["name"])
+    collections.selectbox(key="collection-pick").set_value(name).run()
+    assert not collections.exception and len(collections.image) >= 3  # the gallery, images from S3
+
+    evaluation = page("evaluation")
+    assert not evaluation.exception
+    runs = evaluation.dataframe[0].value
+    assert str(job_id) in set(runs["job"]) and "extractive+rule" in set(runs["backends"])
+
+    with session_scope() as session:
+        run = TrainingRun(status="succeeded", config={"steps": 2}, last_checkpoint_key="models/t/ckpt")
+        session.add(run)
+        session.flush()
+        session.add_all(
+            [
+                TrainingStep(
+                    run_id=run.id, phase="grpo", step=step, metrics={"reward_format": 0.5 * step, "loss": 1 / step}
+                )
+                for step in (1, 2)
+            ]
+        )
+        session.add(
+            RegisteredModel(
+                name=f"m-{name}", kind="inserter", base_model="tiny", s3_prefix="models/t", training_run_id=run.id
+            )
+        )
+        run_id = str(run.id)
+    training = page("training")
+    assert not training.exception
+    assert run_id in set(training.dataframe[0].value["run"])
+    assert f"m-{name}" in set(training.dataframe[-1].value["name"])
+
+    overview = page("overview")
+    assert not overview.exception and [m.label for m in overview.metric] == ["PostgreSQL", "Redis", "S3"]
+
+
+def test_refuses_a_public_bind_without_password(monkeypatch):
+    monkeypatch.setenv("M2IO_DASHBOARD_HOST", "0.0.0.0")
+    app = AppTest.from_file(APP, default_timeout=30).run()
+    assert app.error and "no password is set" in app.error[0].value
+    assert not app.metric and not app.dataframe
