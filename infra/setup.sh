@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything m2io needs on a fresh Debian/Ubuntu machine, idempotently:
-#   Debian packages (redis-server for the local cluster and the tests), a virtualenv in .venv,
-#   torch==2.13.0 (CPU build) FIRST, then m2io and its dev tools constrained to that torch.
+#   Debian packages (redis-server for the local cluster and the tests, chromium for the browser test),
+#   a virtualenv in .venv, torch==2.13.0 (CPU build) FIRST, then m2io and its dev tools constrained to that torch.
 # Re-running it is cheap: the Python part is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# the browser test drives this chromium through Playwright (whose own browser download is not used)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
