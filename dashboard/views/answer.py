@@ -107,7 +107,7 @@ def render(settings) -> None:
                     for p in view.plan.placements
                 ],
                 hide_index=True,
-                use_container_width=True,
+                width="stretch",
             )
             if view.plan.fallback_reason:
                 st.warning(f"The LM's plan was unusable, `rule` answered: {view.plan.fallback_reason}")
@@ -132,5 +132,5 @@ def render(settings) -> None:
                     for c in view.retrieval.candidates
                 ],
                 hide_index=True,
-                use_container_width=True,
+                width="stretch",
             )

@@ -39,7 +39,7 @@ def render(settings) -> None:
         st.dataframe(
             [{k: v for k, v in c.items() if k != "created_at"} for c in collections],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
     else:
         st.info("No collection yet: ingest a corpus below.")
@@ -51,7 +51,7 @@ def render(settings) -> None:
         current = client().ingest_runs()
         if current:
             st.subheader("Ingest runs")
-            st.dataframe(current, hide_index=True, use_container_width=True)
+            st.dataframe(current, hide_index=True, width="stretch")
 
     live_runs()
     ingest_form()
@@ -63,7 +63,7 @@ def render(settings) -> None:
     counts = next(c for c in collections if c["name"] == chosen)
     documents_tab, gallery_tab = st.tabs([f"Documents ({counts['documents']})", f"Images ({counts['images']})"])
     with documents_tab:
-        st.dataframe(client().documents(chosen), hide_index=True, use_container_width=True)
+        st.dataframe(client().documents(chosen), hide_index=True, width="stretch")
     with gallery_tab:
         pages = max(1, -(-counts["images"] // GALLERY_PAGE))
         page = st.number_input("Page", min_value=1, max_value=pages, value=1, key="gallery-page") if pages > 1 else 1

@@ -49,7 +49,7 @@ def render(settings) -> None:
     chosen = st.multiselect("Collections", collections, default=collections, key="eval-collections")
     frame = frame[frame["collection"].isin(chosen)]
     st.subheader("Runs")
-    st.dataframe(frame, hide_index=True, use_container_width=True)
+    st.dataframe(frame, hide_index=True, width="stretch")
     metric = st.selectbox("Metric", METRICS, key="eval-metric")
     for collection in chosen:
         part = frame[frame["collection"] == collection]

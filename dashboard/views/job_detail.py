@@ -64,19 +64,23 @@ def render(settings) -> None:
         st.error(str(error))
         return
 
+    def backend(kind: str) -> str:
+        chosen = status.config.get(kind)
+        return chosen or f"{getattr(settings, f'{kind}_backend')} (workers' default)"
+
     @st.fragment(run_every=auto_refresh_seconds("job", not status.done))
     def live() -> None:
         current = client().status(job_id)
         cols = st.columns(5)
-        cols[0].metric("State", f"{STATE_ICON.get(current.state, '')} {current.state}")
+        cols[0].metric("State", current.state)
         cols[1].metric("Answered", f"{current.counts.get('succeeded', 0)} / {current.total}")
         cols[2].metric("Failed", current.counts.get("failed", 0))
         cols[3].metric("Elapsed", f"{current.elapsed_s or 0:.1f} s")
         cols[4].metric("Questions/s", f"{current.questions_per_s or 0:.2f}")
         st.progress(current.progress, text=f"{current.progress:.0%} of the questions ended")
         st.caption(
-            f"collection {current.collection} · backends {current.config.get('generator', 'default')} + "
-            f"{current.config.get('inserter', 'default')} · created {current.created_at:%Y-%m-%d %H:%M:%S} UTC"
+            f"collection {current.collection} · backends {backend('generator')} + {backend('inserter')} · "
+            f"created {current.created_at:%Y-%m-%d %H:%M:%S} UTC"
         )
         st.subheader("Stages")
         st.dataframe(
@@ -95,11 +99,15 @@ def render(settings) -> None:
                 for s in current.stages
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
         rows = query_rows(job_id)
+        # Numbered so the chart's legend (sorted by name) keeps the pipeline's order.
         timings = pd.DataFrame(
-            {stage.value: [row[f"{stage.value} ms"] or 0 for row in rows] for stage in PIPELINE},
+            {
+                f"{n}. {stage.value}": [row[f"{stage.value} ms"] or 0 for row in rows]
+                for n, stage in enumerate(PIPELINE, 1)
+            },
             index=[row["id"] for row in rows],
         )
         if not timings.empty and timings.to_numpy().sum() > 0:
@@ -110,13 +118,13 @@ def render(settings) -> None:
             st.dataframe(
                 [{"question": f.id, "line": f.line, "stage": f.stage, "error": f.error} for f in current.failures],
                 hide_index=True,
-                use_container_width=True,
+                width="stretch",
             )
         st.subheader("Questions")
         st.dataframe(
             rows,
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
             column_order=["id", "question", "status", *[s.value for s in PIPELINE], "error", "answer"],
             column_config={"answer": st.column_config.LinkColumn("answer", display_text="open")},
         )

@@ -116,7 +116,7 @@ def render(settings) -> None:
         st.dataframe(
             current,
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
             column_order=[
                 "job",
                 "name",

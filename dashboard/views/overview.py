@@ -78,7 +78,7 @@ def render(settings) -> None:
             }
         )
     st.subheader("Workers and queues")
-    st.dataframe(rows, hide_index=True, use_container_width=True)
+    st.dataframe(rows, hide_index=True, width="stretch")
     missing = [row["stage"] for row in rows if row["workers online"] == 0]
     if missing:
         st.warning(f"No worker online for: {', '.join(missing)}. Messages wait in their queues until one starts.")

@@ -46,7 +46,7 @@ def render(settings) -> None:
                 for run in listed
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
         ids = [str(run.id) for run in listed]
         chosen = st.selectbox("Run", ids, key="training-run")
@@ -91,5 +91,5 @@ def render(settings) -> None:
                 for m in models
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
