@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import urllib3.exceptions
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import task_rejected, task_unknown
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -104,7 +105,7 @@ def queue_task(
                 return refuse(task, raw, error)
             except Exception as error:
                 if is_transient(error) and task.request.retries < task.max_retries:
-                    raise task.retry(exc=error, countdown=backoff(task)) from error
+                    raise retry_later(task, error) from error
                 raise
 
         return run
@@ -178,7 +179,23 @@ def hand_on(task: Task, then: Callable[[Any], None] | None, payload: Any) -> Non
         then(payload)
     except Exception as error:
         log.warning("%s: could not enqueue the next stage (%s); retrying", task.name, error)
-        raise task.retry(exc=error, countdown=backoff(task)) from error
+        raise retry_later(task, error) from error
+
+
+def retry_later(task: Task, error: BaseException) -> Exception:
+    """Publish a retry of the task with backoff; returns the exception for the task to raise.
+
+    Celery publishes a retry as a new message, and when it cannot (the broker is unreachable, which is
+    exactly when a hand-off fails) it raises Reject(requeue=False): the worker then deletes the message
+    as soon as it reaches the broker again, and the query is stranded between two stages (seen in
+    tests/test_job_faults.py: Redis restarted while tasks were handing queries on). Give the message back
+    instead: requeued, or left unacknowledged until the visibility timeout returns it if the broker is
+    still down; its redelivery runs the stage again or, if it succeeded, only enqueues the next hop."""
+    try:
+        return task.retry(exc=error, countdown=backoff(task), throw=False)
+    except Reject as rejected:
+        log.warning("%s: could not publish the retry (%s); giving the message back", task.name, rejected.reason)
+        return Reject(rejected.reason, requeue=True)
 
 
 def backoff(task: Task) -> int:
