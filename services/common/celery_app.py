@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from services.common.queues import Stage, task_routes
@@ -47,6 +48,17 @@ def configure(app: Celery) -> None:
 # Settings are read when Celery first needs its configuration, not at import.
 app = Celery("m2io", include=TASK_MODULES)
 app.on_configure.connect(lambda sender, **_: configure(sender), weak=False)
+
+
+@worker_process_init.connect
+def limit_torch_threads(**_) -> None:
+    """`M2IO_TORCH_THREADS` in each process that runs tasks: a prefork pool process, or the worker
+    itself with the solo pool (both send this signal). Torch is imported only when it is set."""
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def worker_argv(queue: str, name: str, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:

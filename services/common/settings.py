@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # vectors 100 gives 0.69 and 800 gives 0.94 (bench/README.md). Raise it for large collections.
     hnsw_ef_search: int = Field(default=100, ge=10, le=1000)
 
+    # Torch threads of each worker process (None: torch's default, one per core). Several worker
+    # processes, each with a thread per core, oversubscribe a small machine (bench/README.md).
+    torch_threads: int | None = Field(default=None, ge=1)
+
     # Model choices.
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     generator_backend: str = "extractive"
