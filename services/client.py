@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from services.common.contracts import InsertionPlan, Retrieval, TextAnswer
 from services.common.db import session_scope
@@ -227,8 +228,19 @@ class Client:
         `stall_timeout` seconds without any stage finishing anything (the job goes on)."""
         started = time.monotonic()
         last_progress, last_seen = started, None
+        status: JobStatus | None = None
         while True:
-            status = core.job_status(job_id)
+            try:
+                status = core.job_status(job_id)
+            except OperationalError:
+                if status is None:
+                    raise
+                # Postgres is away for a moment (a restart): the job goes on in the workers; keep
+                # waiting, and let the stall timeout decide if it does not come back.
+                if stall_timeout is not None and time.monotonic() - last_progress > stall_timeout:
+                    raise
+                time.sleep(poll_s)
+                continue
             if on_update is not None:
                 on_update(status)
             if status.done:

@@ -36,6 +36,7 @@ def test_good_lines_keep_ids_gold_and_collection():
     [
         ("{not json", "line 1: invalid JSON (Expecting property name enclosed in double quotes at column 2)"),
         ('["a", "b"]', "line 1: expected a JSON object, got list"),
+        ('{"id": "x", "question": "unterminated\n', "line 1: invalid JSON (Unterminated string starting at column 25)"),
         ('{"question": "no id"}', "line 1: no `id`"),
         ('{"id": "x"}', "line 1: no `question`"),
         ('{"id": "x", "question": 3}', "line 1: `question` is a int, not text"),

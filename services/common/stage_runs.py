@@ -102,7 +102,12 @@ def fail_attempt(run_id: int, error: str, *, retrying: bool) -> None:
         run.status = "retrying" if retrying else "failed"
         run.finished_at = now()
         run.error = error[:MAX_ERROR_LENGTH]
-        if not retrying:
+        won = session.execute(
+            select(StageRun.id).where(
+                StageRun.query_id == run.query_id, StageRun.stage == run.stage, StageRun.status == "succeeded"
+            )
+        ).first()
+        if not retrying and won is None:  # another attempt of this stage already succeeded: the query did not fail
             query = session.get(Query, run.query_id)
             if query is not None:
                 query.status = "failed"

@@ -94,10 +94,11 @@ def parse_lines(lines: Iterable[bytes | str]) -> list[QuestionLine]:
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw)
+            record = json.loads(raw.rstrip("\r\n"))
         except json.JSONDecodeError as error:
+            reason = error.msg.removesuffix(" at")  # some of json's messages end in " at"
             entry = QuestionLine(
-                f"line-{number}", "", number, error=f"line {number}: invalid JSON ({error.msg} at column {error.colno})"
+                f"line-{number}", "", number, error=f"line {number}: invalid JSON ({reason} at column {error.colno})"
             )
         else:
             entry = parse_question(record, number)

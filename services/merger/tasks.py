@@ -22,7 +22,14 @@ from services.merger.core import merge
 smoke = smoke_task(Stage.MERGER)
 
 
-@stage_task(Stage.MERGER, "merge", QueryRef)
+def finish_query(ref: QueryRef) -> None:
+    """The query is answered once its merge stage run is recorded as succeeded (not before: a merger
+    killed in between must not leave a query `succeeded` whose last stage has not)."""
+    with session_scope() as session:
+        session.execute(update(Query).where(Query.id == ref.query_id).values(status="succeeded", updated_at=now()))
+
+
+@stage_task(Stage.MERGER, "merge", QueryRef, then=finish_query)
 def merge_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
     question, _ = query_and_config(ref.query_id)
     retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))
@@ -45,7 +52,6 @@ def merge_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
                 set_={"markdown": merged.markdown, "blocks": blocks, "html_key": f"{prefix}/answer.html"},
             )
         )
-        session.execute(update(Query).where(Query.id == ref.query_id).values(status="succeeded", updated_at=now()))
     return {
         "html_key": f"{prefix}/answer.html",
         "images": sum(b["type"] == "image" for b in blocks),
