@@ -25,6 +25,7 @@ from services.client import Client
 from tests.conftest import REPO_ROOT
 from tests.corpus_fixtures import write_markdown_corpus
 from tests.test_ingest import ingest_in_process
+from tests.test_jobs import QUESTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(600)]  # a busy machine: slow models
 
@@ -32,17 +33,6 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's (infra/setup.sh installs it); P
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "dashboard"
 PIPELINE = ("retriever", "generator", "inserter", "merger")
 WAIT_MS = 60_000  # Streamlit renders asynchronously, and this machine may be busy
-QUESTIONS = [
-    {
-        "id": "pancakes/fry",
-        "question": "How do I fry pancakes?",
-        "doc_id": "pancakes",
-        "gold_answer": "1. Mix flour, eggs and milk into a batter.\n2. Fry each pancake in butter.\n<PIC>\n"
-        "3. Serve with maple syrup.",
-        "gold_images": ["frying.jpg"],
-    },
-    {"id": "soup", "question": "How do I make tomato soup?"},
-]
 
 
 @contextmanager

@@ -44,7 +44,9 @@ QUESTIONS = [
 
 
 def m2io(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    """The real CLI in a subprocess, pointed at the session's servers (their settings are in os.environ).
+    Wide, plain tables: messages are neither wrapped nor cut by colour codes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400", "NO_COLOR": "1"}
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args],
         cwd=REPO_ROOT,
