@@ -20,7 +20,6 @@ from tests.corpus_fixtures import write_markdown_corpus, write_mramg_corpus
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPORA = REPO_ROOT.parent / "shared" / "corpora"
 
 
 def m2io(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -198,14 +197,14 @@ def test_mramg_layout_search_cli_and_retrieve_task(workers, tmp_path):
     assert run.output["candidates"][0]["source_name"] == "IMAGE/images/toy/lighthouse.png"
 
 
-@pytest.mark.skipif(not (CORPORA / "recipes").exists(), reason="../shared/corpora is not beside the repo")
 def test_retrieval_quality_on_the_recipe_corpus():
     """The real corpus with the default offline model: the bench's aims, held as a floor."""
     from bench.retrieval_quality import score_corpus
+    from services.jobs.demo import DEMO_CORPUS  # the copy of ../shared/corpora/recipes shipped in the repo
     from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
 
     name = f"recipes-{uuid.uuid4().hex[:8]}"
-    ingest_in_process(CORPORA / "recipes", name)
-    report = score_corpus(CORPORA / "recipes", name, DEFAULT_EMBEDDING_MODEL, top_k=5, candidates=12)
+    ingest_in_process(DEMO_CORPUS, name)
+    report = score_corpus(DEMO_CORPUS, name, DEFAULT_EMBEDDING_MODEL, top_k=5, candidates=12)
     assert report["doc_recall@5"] >= 0.95
     assert report["gold_image_coverage"] >= 0.95
