@@ -24,6 +24,7 @@ from services.common.models import Answer, Query, StageRun
 from services.common.queues import PIPELINE
 from services.jobs.core import JobStatus, job_status
 from tests.test_jobs import m2io
+from tests.test_workers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +60,6 @@ def submit(collection: str, count: int, label: str) -> uuid.UUID:
 
     records = [{"id": f"{label}-{n}", "question": QUESTIONS[n % len(QUESTIONS)]} for n in range(count)]
     return Client().submit(records, collection, name=label, **BACKENDS)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def status_or_none(job_id: uuid.UUID) -> JobStatus | None:
