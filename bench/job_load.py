@@ -100,6 +100,14 @@ def tree_cpu(pid: int, seen: set[int]) -> float:
         return 0.0
 
 
+def own_cpu(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
 def descendants(pid: int) -> set[int]:
     try:
         return {child.pid for child in psutil.Process(pid).children(recursive=True)}
@@ -123,6 +131,10 @@ class CpuMeter:
         others = {pid for pid in self.pids.values() if pid != me}
         others |= {child for pid in others for child in descendants(pid)}
         per_process = {name: tree_cpu(pid, set(others) if pid == me else set()) for name, pid in self.pids.items()}
+        # A worker's own process (not its pool): Celery's consumer, receiving, dispatching, acking.
+        for name, pid in self.pids.items():
+            if name.startswith("worker-"):
+                per_process[f"{name} main process"] = own_cpu(pid)
         return time.monotonic(), per_process, busy
 
     def start(self) -> None:
@@ -132,11 +144,15 @@ class CpuMeter:
         end = self.snapshot()
         wall = end[0] - self.begin[0]
         per_process = {name: round(end[1][name] - self.begin[1][name], 1) for name in self.pids}
+        main_processes = {
+            name: round(end[1][name] - self.begin[1][name], 1) for name in end[1] if name not in self.pids
+        }
         machine = end[2] - self.begin[2]
         cores = psutil.cpu_count() or 1
         return {
             "wall_s": round(wall, 1),
             "cpu_s": per_process,
+            **({"cpu_s_of_which_worker_main_processes": main_processes} if main_processes else {}),
             "cpu_s_ours": round(sum(per_process.values()), 1),
             "cpu_s_machine": round(machine, 1),
             # What ran on the machine besides the processes measured (other users' jobs: the noise).
@@ -298,8 +314,9 @@ def run_in_process(
     )
 
 
-def restart_workers(cluster, concurrency: int, torch_threads: int | None) -> None:
+def restart_workers(cluster, concurrency: int, torch_threads: int | None, per_stage: dict[str, int]) -> None:
     from infra.processes import stop
+    from services.common.celery_app import worker_argv
     from services.common.health import online_workers, workers_of
 
     if torch_threads is None:
@@ -309,6 +326,10 @@ def restart_workers(cluster, concurrency: int, torch_threads: int | None) -> Non
     for name in cluster.worker_names():
         print(f"{name}: {stop(cluster.table, name)}", flush=True)
     cluster.worker_concurrency = concurrency
+    # As LocalCluster.worker_argv, with the stages of `cluster:1:inserter=2` given their own count.
+    cluster.worker_argv = lambda stage: worker_argv(
+        stage.queue, f"{stage.value}@%h", per_stage.get(stage.value, concurrency)
+    )
     cluster.ensure_workers(cluster.cluster_env(), echo=lambda line: print(line, flush=True))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -347,15 +368,21 @@ def worker_pool_sizes() -> dict[str, int]:
 
 
 def run_cluster(
-    questions: list[dict[str, Any]], cluster, concurrency: int, torch_threads: int | None, warm_up: int, stall: float
+    questions: list[dict[str, Any]],
+    cluster,
+    concurrency: int,
+    per_stage: dict[str, int],
+    torch_threads: int | None,
+    warm_up: int,
+    stall: float,
 ) -> dict[str, Any]:
     from services.client import Client
 
-    restart_workers(cluster, concurrency, torch_threads)
+    restart_workers(cluster, concurrency, torch_threads, per_stage)
     client = Client()
     # Every pool process loads its models on its first task: a warm-up job of a few per process.
     warm = client.submit(
-        questions[: warm_up * concurrency],
+        questions[: warm_up * max(concurrency, *per_stage.values())],
         questions[0]["collection"],
         generator=GENERATOR,
         inserter=INSERTER,
@@ -380,7 +407,7 @@ def run_cluster(
         {
             "mode": "cluster",
             "job_id": str(job_id),
-            "workers_per_stage": concurrency,
+            "workers_per_stage": {stage.value: per_stage.get(stage.value, concurrency) for stage in PIPELINE},
             "pools": worker_pool_sizes(),
             "torch_threads": torch_threads,
             "cpu": cpu,
@@ -455,7 +482,7 @@ def main() -> None:
     report.setdefault("runs", {})
     for run in args.runs:
         run = "in-process:1" if run == "in-process" else run
-        label = run.replace(":", "-") + (f"-{args.suffix}" if args.suffix else "")
+        label = run.replace(":", "-").replace("=", "") + (f"-{args.suffix}" if args.suffix else "")
         print(f"== {label}", flush=True)
         started = datetime.now(UTC)
         if run == "in-process" or run.startswith("in-process:"):
@@ -463,8 +490,12 @@ def main() -> None:
             count = args.in_process_questions or args.questions
             result = run_in_process(questions[:count], cluster, processes, args.torch_threads, args.warm_up)
         elif run.startswith("cluster:"):
-            concurrency = int(run.partition(":")[2])
-            result = run_cluster(questions, cluster, concurrency, args.torch_threads, args.warm_up, args.stall_timeout)
+            # cluster:N, or cluster:N:stage=M:... for stages with another process count
+            count, *overrides = run.split(":")[1:]
+            per_stage = {stage: int(n) for stage, _, n in (item.partition("=") for item in overrides)}
+            result = run_cluster(
+                questions, cluster, int(count), per_stage, args.torch_threads, args.warm_up, args.stall_timeout
+            )
         else:
             parser.error(f"unknown run {run!r}: use in-process or cluster:N")
         result = {"label": label, "suffix": args.suffix, "started_at": started.isoformat(timespec="seconds"), **result}
