@@ -380,8 +380,10 @@ def search(
 
 def _register_job_commands() -> None:
     from services.jobs.commands import register
+    from services.trainer.commands import register as register_trainer
 
     register(app)
+    register_trainer(app)
 
 
 _register_job_commands()

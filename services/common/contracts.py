@@ -73,6 +73,12 @@ class IngestBatch(Contract):
     item_ids: list[int] = Field(min_length=1, max_length=64)
 
 
+class TrainRef(Contract):
+    """The trainer's message: the run to train; its config is in `training_runs`."""
+
+    run_id: uuid.UUID
+
+
 # ------------------------------------------------------------------ answer stages
 class AnswerUnit(BaseModel):
     """A sentence of an answer; list steps, headings, code and tables are kept whole."""

@@ -181,9 +181,16 @@ class TrainingRun(Base):
     __tablename__ = "training_runs"
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id", ondelete="SET NULL"))
-    status: Mapped[str] = mapped_column(String(20), server_default="queued")
+    status: Mapped[str] = mapped_column(
+        String(20), server_default="queued", comment="queued | running | succeeded | failed | cancelled"
+    )
     config: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(300), comment="the worker holding the run")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=sql_text("0"), comment="workers that took it up")
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), comment="set by `m2io train-cancel`; the run stops at its next step"
+    )
     last_checkpoint_key: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = utcnow_column()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

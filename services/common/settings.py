@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     # processes, each with a thread per core, oversubscribe a small machine (bench/README.md).
     torch_threads: int | None = Field(default=None, ge=1)
 
+    # Trainer: a running training run stamps its heartbeat this often; a run whose heartbeat is older than
+    # `trainer_stale_after_s` is taken to have lost its worker, and the next delivery of its message resumes it
+    # from its last checkpoint. Several heartbeats must fit in the window (a busy machine delays one).
+    trainer_heartbeat_s: float = Field(default=10.0, gt=0)
+    trainer_stale_after_s: float = Field(default=90.0, gt=0)
+
     # Model choices.
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     generator_backend: str = "extractive"

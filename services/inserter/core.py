@@ -143,6 +143,19 @@ def plan_messages(units: list[AnswerUnit], candidates: list[CandidateImage]) -> 
 def parse_plan(output: str, units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
     """Strict: the whole output is the format; every image is a candidate, once; every `after` is a
     unit number (0..n). Anything else raises PlanFormatError with the reason."""
+    return parse_plan_names(output, len(units), [c.source_name for c in candidates])
+
+
+def parse_plan_names(output: str, unit_count: int, names: list[str]) -> list[Placement]:
+    """`parse_plan` given only the number of units and the candidates' names (what the trainer's rewards know).
+
+    >>> parse_plan_names('<think>ok</think><answer>[{"image": "a.jpg", "after": 2}]</answer>', 3, ["a.jpg"])
+    [Placement(image='a.jpg', after=2)]
+    >>> parse_plan_names('<answer>[]</answer>', 3, ["a.jpg"])
+    Traceback (most recent call last):
+    ...
+    services.inserter.core.PlanFormatError: output is not <think>...</think><answer>...</answer>
+    """
     match = PLAN_PATTERN.fullmatch(output)
     if not match:
         raise PlanFormatError("output is not <think>...</think><answer>...</answer>")
@@ -152,22 +165,32 @@ def parse_plan(output: str, units: list[AnswerUnit], candidates: list[CandidateI
         raise PlanFormatError(f"answer is not JSON: {error}") from error
     if not isinstance(items, list):
         raise PlanFormatError("answer is not a JSON list")
-    names = {c.source_name for c in candidates}
+    known = set(names)
     placements: list[Placement] = []
     seen: set[str] = set()
     for item in items:
         if not isinstance(item, dict) or set(item) != {"image", "after"}:
             raise PlanFormatError(f"entry {item!r} is not {{'image': ..., 'after': ...}}")
         image, after = item["image"], item["after"]
-        if not isinstance(image, str) or image not in names:
+        if not isinstance(image, str) or image not in known:
             raise PlanFormatError(f"{image!r} is not a candidate image")
-        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= len(units):
-            raise PlanFormatError(f"after={after!r} is not a sentence number 0..{len(units)}")
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= unit_count:
+            raise PlanFormatError(f"after={after!r} is not a sentence number 0..{unit_count}")
         if image in seen:
             raise PlanFormatError(f"{image!r} is placed twice")
         seen.add(image)
         placements.append(Placement(image=image, after=after))
     return sorted(placements, key=lambda p: p.after)
+
+
+def format_plan(placements: list[Placement], think: str) -> str:
+    """The output an LM inserter should write for `placements` (what the trainer's warm-up teaches).
+
+    >>> format_plan([Placement(image="a.jpg", after=2)], "a.jpg shows step 2")
+    '<think>a.jpg shows step 2</think><answer>[{"image": "a.jpg", "after": 2}]</answer>'
+    """
+    plan = json.dumps([{"image": p.image, "after": p.after} for p in placements], ensure_ascii=False)
+    return f"<think>{think}</think><answer>{plan}</answer>"
 
 
 def insert(

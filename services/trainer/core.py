@@ -1,0 +1,430 @@
+"""Training the image inserter: a supervised warm-up on the plan format, then GRPO (TRL), optionally with LoRA.
+
+Pure of the cluster: `train_inserter(config, train, val, work_dir, hooks)` reads examples and writes model folders;
+what it reports (metrics per step, checkpoints, "should I stop?") goes through `TrainingHooks`, which the trainer
+worker implements with Postgres and S3 (services/trainer/runs.py) and a benchmark or a notebook may leave out.
+
+Why a warm-up: from a model that does not write the `<think>...</think><answer>[...]</answer>` format, every
+sampled completion scores 0 and GRPO's group-relative advantage is 0 everywhere, so nothing is learned. A few
+dozen supervised steps on the gold plans fix the format; GRPO then optimises which images and where.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.contracts import AnswerUnit, CandidateImage
+from services.common.llm import DEFAULT_LOCAL_MODEL, ensure_converted, is_bundled
+from services.common.metrics import aggregate, image_precision_recall_f1, ordering_score, position_accuracy
+from services.inserter.core import PlanFormatError, parse_plan, plan_messages
+from services.trainer.data import TrainingExample
+from services.trainer.rewards import DEFAULT_REWARD_WEIGHTS, REWARD_FUNCTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; stored as the run's `config` (JSON) and enough to repeat it."""
+
+    collection: str
+    base_model: str = DEFAULT_LOCAL_MODEL  # a hub id (offline: in the HF cache), a model folder, or the bundled one
+    name: str | None = None  # the registered model's name (default: inserter-<collection>-<run id prefix>)
+    # supervised warm-up
+    sft_steps: int = 40
+    sft_batch_size: int = 4
+    sft_learning_rate: float = 5e-5
+    # GRPO
+    steps: int = 20
+    prompts_per_step: int = 2
+    num_generations: int = 4  # completions per prompt: the group GRPO compares
+    max_completion_length: int = 160  # a plan for 4-8 candidates fits in ~100 tokens of SmolLM2's tokenizer
+    learning_rate: float = 2e-6
+    temperature: float = 1.0
+    beta: float = 0.02  # KL to the warm-up model: keeps the format from drifting while rewards are sparse
+    reward_weights: tuple[float, ...] = DEFAULT_REWARD_WEIGHTS  # format, recall, position, precision
+    # LoRA adapters instead of full fine-tuning (merged into the weights before saving)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # data
+    val_fraction: float = 0.2
+    max_train_examples: int | None = None
+    eval_examples: int = 24  # validation examples scored after each phase (0: none)
+    checkpoint_every: int = 10  # GRPO steps between checkpoints
+    # Recomputes activations in the backward pass: less memory (3B models on one GPU), ~30% slower. TRL turns it
+    # on by default; a 135M model on CPU does not need it.
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["reward_weights"] = list(self.reward_weights)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        if "reward_weights" in values:
+            values["reward_weights"] = tuple(float(w) for w in values["reward_weights"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.sft_steps < 0 or self.steps < 0:
+            raise ValueError("sft_steps and steps must be >= 0")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: GRPO compares completions within a group")
+        if len(self.reward_weights) != len(REWARD_FUNCTIONS):
+            raise ValueError(
+                f"reward_weights needs {len(REWARD_FUNCTIONS)} values (format, recall, position, precision)"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be between 0 and 1")
+
+
+@dataclass
+class Checkpoint:
+    phase: str  # sft | grpo | final
+    step: int
+    folder: Path
+
+
+class TrainingHooks:
+    """What a run reports as it goes. The default does nothing (a bench or notebook run)."""
+
+    def on_metrics(self, phase: str, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        return None
+
+    def stop_reason(self) -> str | None:
+        """A reason to stop now (the run was cancelled), or None to go on."""
+        return None
+
+
+class Stopped(Exception):
+    """Training stopped early on request; the last checkpoint stands."""
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    base_source: str
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)  # seconds, steps, eval metrics per phase
+
+
+def resolve_base(name: str) -> str:
+    """A local folder for the bundled model (converted once), else the name as transformers takes it."""
+    return str(ensure_converted(name)) if is_bundled(name) else name
+
+
+def device_flags() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"use_cpu": False, "bf16": torch.cuda.is_bf16_supported(), "fp16": False}
+    return {"use_cpu": True, "bf16": False, "fp16": False}
+
+
+def load_model(source: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model, tokenizer
+
+
+def save_plain(model, tokenizer, folder: Path) -> Path:
+    """A plain transformers checkpoint (LoRA adapters merged into a copy), loadable by LocalChatModel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lora_config(config: TrainConfig):
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+# TRL's log keys -> ours (the dashboard plots columns starting with `reward` and containing `loss`).
+METRIC_NAMES = {
+    "loss": "loss",
+    "kl": "kl",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "completion_clipped",
+    "grad_norm": "grad_norm",
+    "learning_rate": "learning_rate",
+    "entropy": "entropy",
+    "mean_token_accuracy": "token_accuracy",
+}
+
+
+def rename_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """TRL's logged values under stable names: rewards per component as `reward_<name>`.
+
+    >>> rename_metrics({"loss": 0.5, "rewards/format_reward/mean": 1.0, "rewards/format_reward/std": 0.0, "epoch": 1})
+    {'loss': 0.5, 'reward_format': 1.0}
+    """
+    metrics: dict[str, float] = {}
+    for key, value in logs.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        if key.startswith("rewards/") and key.endswith("/mean"):
+            metrics["reward_" + key.split("/")[1].removesuffix("_reward")] = float(value)
+        elif key in METRIC_NAMES:
+            metrics[METRIC_NAMES[key]] = float(value)
+    return metrics
+
+
+def recorder(hooks: TrainingHooks, phase: str, step_offset: int, checkpoint_every: int, work_dir: Path):
+    """A transformers callback: metrics to the hooks at every log, a stop check at every step, and (GRPO)
+    a checkpoint every `checkpoint_every` steps."""
+    from transformers import TrainerCallback
+
+    class RunRecorder(TrainerCallback):
+        stopped_for: str | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = rename_metrics(logs or {})
+            if metrics and "train_runtime" not in (logs or {}):
+                hooks.on_metrics(phase, state.global_step + step_offset, metrics)
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            reason = hooks.stop_reason()
+            step = state.global_step + step_offset
+            due = checkpoint_every and phase == "grpo" and state.global_step % checkpoint_every == 0
+            if (due or reason) and model is not None and processing_class is not None:
+                folder = save_plain(model, processing_class, work_dir / f"{phase}-step-{step:05d}")
+                hooks.on_checkpoint(Checkpoint(phase, step, folder))
+            if reason:
+                self.stopped_for = reason
+                control.should_training_stop = True
+
+    return RunRecorder()
+
+
+def supervised_warm_up(config: TrainConfig, source: str, train: Sequence[TrainingExample], work_dir: Path, hooks):
+    """`config.sft_steps` steps of SFT on the gold plans (loss on the completion only); returns the folder."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load_model(source)
+    dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in train])
+    args = SFTConfig(
+        output_dir=str(work_dir / "sft-trainer"),
+        max_steps=config.sft_steps,
+        per_device_train_batch_size=config.sft_batch_size,
+        learning_rate=config.sft_learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, config.sft_steps // 4),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        max_length=2048,
+        gradient_checkpointing=config.gradient_checkpointing,
+        **device_flags(),
+    )
+    callback = recorder(hooks, "sft", 0, 0, work_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[callback],
+    )
+    trainer.train()
+    folder = save_plain(trainer.model, tokenizer, work_dir / "sft")
+    if callback.stopped_for:
+        raise Stopped(callback.stopped_for)
+    return folder
+
+
+def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], work_dir: Path, hooks, done: int = 0):
+    """GRPO from `source` for the steps not yet `done`; returns the folder of the final weights."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = load_model(source)
+    dataset = Dataset.from_list(
+        [
+            {"prompt": e.prompt, "unit_count": e.unit_count, "candidate_names": e.candidate_names, "gold": e.gold}
+            for e in train
+        ]
+    )
+    args = GRPOConfig(
+        output_dir=str(work_dir / "grpo-trainer"),
+        max_steps=config.steps - done,
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        beta=config.beta,
+        learning_rate=config.learning_rate,
+        reward_weights=list(config.reward_weights),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed + done,
+        gradient_checkpointing=config.gradient_checkpointing,
+        **device_flags(),
+    )
+    callback = recorder(hooks, "grpo", done, config.checkpoint_every, work_dir)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=list(REWARD_FUNCTIONS),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[callback],
+    )
+    trainer.train()
+    folder = save_plain(trainer.model, tokenizer, work_dir / "grpo")
+    if callback.stopped_for:
+        raise Stopped(callback.stopped_for)
+    return folder
+
+
+def train_inserter(
+    config: TrainConfig,
+    train: Sequence[TrainingExample],
+    val: Sequence[TrainingExample],
+    work_dir: Path,
+    hooks: TrainingHooks | None = None,
+    resume: Checkpoint | None = None,
+) -> TrainResult:
+    """Warm-up then GRPO; returns the final model folder and per-phase timings and validation metrics.
+
+    `resume` (a checkpoint of an interrupted run) skips what it covers: the warm-up once its weights exist, and
+    the GRPO steps already taken (the weights resume; the optimiser state starts afresh)."""
+    import torch
+
+    hooks = hooks or TrainingHooks()
+    config.validate()
+    if not train:
+        raise ValueError("no training examples: the collection has no passages with locatable images")
+    torch.manual_seed(config.seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train = list(train)[: config.max_train_examples] if config.max_train_examples else list(train)
+    base_source = resolve_base(config.base_model)
+    result = TrainResult(model_dir=Path(base_source), base_source=base_source)
+    source = base_source
+    grpo_done = 0
+    if resume is not None:
+        source = str(resume.folder)
+        grpo_done = resume.step if resume.phase == "grpo" else 0
+    if config.sft_steps and resume is None:
+        started = time.monotonic()
+        folder = supervised_warm_up(config, source, train, work_dir, hooks)
+        result.phases["sft"] = {"seconds": round(time.monotonic() - started, 1), "steps": config.sft_steps}
+        hooks.on_checkpoint(Checkpoint("sft", config.sft_steps, folder))
+        source = str(folder)
+        if val and config.eval_examples:
+            result.phases["sft"]["val"] = evaluate_model(source, val[: config.eval_examples])
+            hooks.on_metrics("eval", 1, {f"val_{k}": v for k, v in result.phases["sft"]["val"].items() if v})
+    if config.steps > grpo_done:
+        started = time.monotonic()
+        folder = grpo(config, source, train, work_dir, hooks, done=grpo_done)
+        result.phases["grpo"] = {"seconds": round(time.monotonic() - started, 1), "steps": config.steps - grpo_done}
+        source = str(folder)
+        if val and config.eval_examples:
+            result.phases["grpo"]["val"] = evaluate_model(source, val[: config.eval_examples])
+            hooks.on_metrics("eval", 2, {f"val_{k}": v for k, v in result.phases["grpo"]["val"].items() if v})
+    result.model_dir = Path(source)
+    return result
+
+
+# ------------------------------------------------------------------ evaluation on held-out examples
+def example_inputs(example: TrainingExample) -> tuple[list[AnswerUnit], list[CandidateImage]]:
+    return [AnswerUnit(text=t) for t in example.units], [CandidateImage.model_validate(c) for c in example.candidates]
+
+
+def score_plan(placements, example: TrainingExample) -> dict[str, float | None]:
+    """MRAMG metrics of one plan against the example's gold (images in plan order)."""
+    predicted = [p.image for p in sorted(placements, key=lambda p: p.after)]
+    gold = [g["image"] for g in example.gold]
+    prf = image_precision_recall_f1(predicted, gold)
+    return {
+        "image_precision": prf.precision,
+        "image_recall": prf.recall,
+        "image_f1": prf.f1,
+        "ordering": ordering_score(predicted, gold),
+        "position_accuracy": position_accuracy(
+            {p.image: p.after for p in placements}, {g["image"]: g["after"] for g in example.gold}
+        ),
+    }
+
+
+def evaluate_model(source: str, examples: Sequence[TrainingExample], max_new_tokens: int = 200) -> dict[str, Any]:
+    """A model's own plans (greedy) on `examples`: an unparseable plan counts as no images (no rule fallback:
+    this scores the model, not the serving path), plus the share that parsed and the time per plan."""
+    from services.common.llm import LocalChatModel
+
+    model = LocalChatModel(source)
+    rows = []
+    parsed = 0
+    seconds = 0.0
+    for example in examples:
+        units, candidates = example_inputs(example)
+        result = model.chat(plan_messages(units, candidates), max_new_tokens=max_new_tokens)
+        seconds += result.seconds
+        try:
+            placements = parse_plan(result.text, units, candidates)
+            parsed += 1
+        except PlanFormatError:
+            placements = []
+        rows.append(score_plan(placements, example))
+    metrics = aggregate(rows)
+    metrics["parse_rate"] = parsed / len(examples) if examples else None
+    metrics["seconds_per_plan"] = seconds / len(examples) if examples else None
+    return metrics
+
+
+def evaluate_rule(examples: Sequence[TrainingExample]) -> dict[str, Any]:
+    from services.inserter.core import rule_plan
+    from services.retriever.embedding import get_embedder
+
+    embedder = get_embedder()
+    rows = []
+    started = time.perf_counter()
+    for example in examples:
+        units, candidates = example_inputs(example)
+        rows.append(score_plan(rule_plan(units, candidates, embedder), example))
+    metrics = aggregate(rows)
+    metrics["parse_rate"] = 1.0 if examples else None
+    metrics["seconds_per_plan"] = (time.perf_counter() - started) / len(examples) if examples else None
+    return metrics
