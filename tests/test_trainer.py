@@ -228,7 +228,7 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
     folder = memorised_model(tiny_model, example, tmp_path / "memorised")
     name = f"tiny-{uuid.uuid4().hex[:8]}"
     config = core.TrainConfig(collection=example.collection, base_model=str(tiny_model), name=name)
-    register_model(uuid.uuid4(), config, folder, {"note": "test"})
+    register_model(None, config, folder, {"note": "test"})
     with session_scope() as session:
         row = session.execute(select(RegisteredModel).where(RegisteredModel.name == name)).scalar_one()
         assert row.kind == "inserter" and row.s3_prefix == f"models/{name}/"

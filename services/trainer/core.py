@@ -215,6 +215,7 @@ def recorder(hooks: TrainingHooks, phase: str, step_offset: int, checkpoint_ever
 
     class RunRecorder(TrainerCallback):
         stopped_for: str | None = None
+        saved_step: int | None = None  # the step of the last checkpoint it reported
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = rename_metrics(logs or {})
@@ -228,6 +229,7 @@ def recorder(hooks: TrainingHooks, phase: str, step_offset: int, checkpoint_ever
             if (due or reason) and model is not None and processing_class is not None:
                 folder = save_plain(model, processing_class, work_dir / f"{phase}-step-{step:05d}")
                 hooks.on_checkpoint(Checkpoint(phase, step, folder))
+                self.saved_step = step
             if reason:
                 self.stopped_for = reason
                 control.should_training_stop = True
@@ -267,10 +269,9 @@ def supervised_warm_up(config: TrainConfig, source: str, train: Sequence[Trainin
         callbacks=[callback],
     )
     trainer.train()
-    folder = save_plain(trainer.model, tokenizer, work_dir / "sft")
     if callback.stopped_for:
         raise Stopped(callback.stopped_for)
-    return folder
+    return save_plain(trainer.model, tokenizer, work_dir / "sft")
 
 
 def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], work_dir: Path, hooks, done: int = 0):
@@ -313,9 +314,12 @@ def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], wor
         callbacks=[callback],
     )
     trainer.train()
-    folder = save_plain(trainer.model, tokenizer, work_dir / "grpo")
     if callback.stopped_for:
         raise Stopped(callback.stopped_for)
+    folder = save_plain(trainer.model, tokenizer, work_dir / "grpo")
+    final_step = trainer.state.global_step + done
+    if callback.saved_step != final_step:  # the final weights are the run's last checkpoint too
+        hooks.on_checkpoint(Checkpoint("grpo", final_step, folder))
     return folder
 
 

@@ -244,9 +244,10 @@ def record_step(run_id: uuid.UUID, phase: str, step: int, metrics: dict[str, Any
         )
 
 
-def register_model(run_id: uuid.UUID, config: TrainConfig, folder: Path, meta: dict[str, Any]) -> str:
-    """Upload the final weights to `models/<name>/` and register them: `--inserter checkpoint:<name>`."""
-    name = config.name or default_model_name(config, run_id)
+def register_model(run_id: uuid.UUID | None, config: TrainConfig, folder: Path, meta: dict[str, Any]) -> str:
+    """Upload the final weights to `models/<name>/` and register them: `--inserter checkpoint:<name>`. `run_id` is
+    the training run that made them (None: weights trained elsewhere, registered by hand)."""
+    name = config.name or default_model_name(config, run_id or uuid.uuid4())
     prefix = f"models/{name}/"
     delete_prefix(prefix)  # a resumed run registering again replaces, never mixes, files
     upload_folder(folder, prefix)
