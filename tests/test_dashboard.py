@@ -112,6 +112,10 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
                 )
                 for step in (1, 2)
             ]
+            + [
+                TrainingStep(run_id=run.id, phase="data", step=0, metrics={"train": 5, "val": 2}),
+                TrainingStep(run_id=run.id, phase="eval", step=1, metrics={"val_image_f1": 0.5, "val_parse_rate": 1.0}),
+            ]
         )
         session.add(
             RegisteredModel(

@@ -15,6 +15,7 @@ EXPECTED_TASKS = {
     "merger.smoke": "merger",
     "merger.merge": "merger",
     "trainer.smoke": "trainer",
+    "trainer.train": "trainer",
 }
 
 

@@ -37,6 +37,9 @@ def render(settings) -> None:
                 {
                     "run": str(run.id),
                     "status": f"{STATE_ICON.get(run.status, '')} {run.status}",
+                    "model": (run.config or {}).get("name", ""),
+                    "worker": run.worker or "",
+                    "attempts": run.attempts,
                     "config": ", ".join(f"{k}={v}" for k, v in (run.config or {}).items())[:200],
                     "last checkpoint": run.last_checkpoint_key or "",
                     "heartbeat": age(run.heartbeat_at),
@@ -50,7 +53,12 @@ def render(settings) -> None:
         )
         ids = [str(run.id) for run in listed]
         chosen = st.selectbox("Run", ids, key="training-run")
-        running = next(run for run in listed if str(run.id) == chosen).status in ("queued", "running")
+        selected = next(run for run in listed if str(run.id) == chosen)
+        running = selected.status in ("queued", "running")
+        if running and st.button("Cancel this run", key="cancel-training"):
+            from services.trainer.runs import request_cancel
+
+            st.info(request_cancel(selected.id))
 
         @st.fragment(run_every=auto_refresh_seconds("training", running))
         def curves() -> None:
@@ -60,6 +68,10 @@ def render(settings) -> None:
                 return
             for phase, part in frame.groupby("phase"):
                 part = part.set_index("step").drop(columns=["phase"]).dropna(axis=1, how="all")
+                if phase in ("data", "eval"):  # counts of the training data; validation scores after each phase
+                    st.subheader("training data" if phase == "data" else "validation (held-out documents)")
+                    st.dataframe(part, width="stretch")
+                    continue
                 rewards = [c for c in part.columns if c.startswith("reward")]
                 losses = [c for c in part.columns if "loss" in c]
                 st.subheader(f"{phase}")
