@@ -357,12 +357,12 @@ def execute_run(run_id: uuid.UUID, worker: str, work_root: Path | None = None) -
             phase = "registration"
             name = register_model(run_id, config, result.model_dir, meta)
         except Stopped as stopped:
+            if "took the run over" in (heartbeat.stop_reason or ""):
+                return {"run_id": str(run_id), "outcome": "taken over", "detail": str(stopped)}  # not ours to end
             where = hooks.last_checkpoint
             kept = f"; last checkpoint {checkpoint_prefix(run_id, where)}" if where else ""
-            status = "cancelled" if "cancel" in str(stopped) else "failed"
-            if status == "cancelled" or heartbeat.stop_reason and "took the run over" not in heartbeat.stop_reason:
-                finish(run_id, status, f"{stopped}{kept}")
-            return {"run_id": str(run_id), "outcome": status, "detail": str(stopped)}
+            finish(run_id, "cancelled", f"{stopped}{kept}")
+            return {"run_id": str(run_id), "outcome": "cancelled", "detail": str(stopped)}
         except Exception as error:
             log.exception("training run %s failed during %s", run_id, phase)
             kept = (
