@@ -47,6 +47,13 @@ def main() -> None:
     parser.add_argument("--collection", default="recipes")
     parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=None, help="GRPO learning rate (default: config's)")
+    parser.add_argument(
+        "--split-train",
+        action="store_true",
+        help="warm up on half of the training documents and run GRPO on the other half (prompts it has not memorised)",
+    )
+    parser.add_argument("--skip-base", action="store_true", help="do not score the untrained base model")
     parser.add_argument("--val", type=int, default=0, help="validation examples scored (0: all)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/m2io-bench-training"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/inserter_training.json"))
@@ -57,6 +64,14 @@ def main() -> None:
     val = val[: args.val] if args.val else val
     print(f"{args.collection}: {report.summary()}", flush=True)
     config = TrainConfig(collection=args.collection, sft_steps=args.sft_steps, steps=args.steps, eval_examples=0)
+    if args.learning_rate:
+        config.learning_rate = args.learning_rate
+    sft_train, grpo_train = train, train
+    if args.split_train:
+        documents = sorted({e.doc_key for e in train})
+        first = set(documents[::2])
+        sft_train = [e for e in train if e.doc_key in first]
+        grpo_train = [e for e in train if e.doc_key not in first]
     results: dict = {
         "collection": args.collection,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -64,6 +79,9 @@ def main() -> None:
         "data": report.summary(),
         "val_examples": len(val),
         "config": config.to_dict(),
+        "split_train": args.split_train,
+        "sft_examples": len(sft_train),
+        "grpo_examples": len(grpo_train),
         "variants": {},
     }
 
@@ -79,17 +97,18 @@ def main() -> None:
     evaluate("rule", None)
     from services.trainer.core import resolve_base
 
-    evaluate("base (SmolLM2-135M-Instruct, prompted)", resolve_base(config.base_model))
+    if not args.skip_base:
+        evaluate("base (SmolLM2-135M-Instruct, prompted)", resolve_base(config.base_model))
     log = Log()
     warm_only = TrainConfig(**{**config.to_dict(), "steps": 0, "reward_weights": config.reward_weights})
     started = time.monotonic()
-    warm = train_inserter(warm_only, train, [], args.work_dir / "sft", log)
+    warm = train_inserter(warm_only, sft_train, [], args.work_dir / "sft", log)
     results["sft_seconds"] = round(time.monotonic() - started, 1)
     evaluate(f"warm-up (SFT, {config.sft_steps} steps)", str(warm.model_dir))
     grpo_config = TrainConfig(**{**config.to_dict(), "sft_steps": 0, "base_model": str(warm.model_dir),
                                  "reward_weights": config.reward_weights})  # fmt: skip
     started = time.monotonic()
-    final = train_inserter(grpo_config, train, [], args.work_dir / "grpo", log)
+    final = train_inserter(grpo_config, grpo_train, [], args.work_dir / "grpo", log)
     results["grpo_seconds"] = round(time.monotonic() - started, 1)
     results["steps"] = log.steps
     evaluate(f"GRPO ({config.steps} steps after the warm-up)", str(final.model_dir))

@@ -203,6 +203,22 @@ def test_a_real_sft_and_grpo_run_on_cpu(examples, tiny_model, tmp_path):
         core.train_inserter(config, [], [], tmp_path / "empty")
 
 
+@pytest.mark.slow
+def test_lora_adapters_are_trained_and_merged_into_a_plain_checkpoint(examples, tiny_model, tmp_path):
+    config = core.TrainConfig(
+        collection=examples.collection, base_model=str(tiny_model), lora=True, lora_r=4, **{**TINY_RUN, "steps": 1}
+    )
+    hooks = Recorder()
+    result = core.train_inserter(config, examples.split("train"), [], tmp_path, hooks)
+    assert [phase for phase, _, _ in hooks.metrics].count("grpo") == 1
+    assert (result.model_dir / "config.json").exists()
+    assert not list(result.model_dir.glob("adapter_*"))  # merged: a plain model, as the registry serves it
+    from services.common.llm import LocalChatModel
+
+    reply = LocalChatModel(str(result.model_dir)).chat([{"role": "user", "content": "hi"}], max_new_tokens=3)
+    assert reply.completion_tokens > 0
+
+
 def memorised_model(tiny_model: Path, example: data.TrainingExample, folder: Path) -> Path:
     """The tiny model taught one plan by heart (plain SFT, many steps on one example)."""
     config = core.TrainConfig(
