@@ -7,6 +7,7 @@ import io
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 
 from minio import Minio
 from minio.error import S3Error
@@ -110,6 +111,29 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def download_prefix(self, prefix: str, folder: Path) -> int:
+        """Every object under `prefix` into `folder`, keeping the relative paths; returns how many."""
+        keys = self.keys_under(prefix)
+        for key in keys:
+            target = folder / key[len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.get(key))
+        return len(keys)
+
+    def upload_folder(self, folder: Path, prefix: str) -> int:
+        """Every file of `folder` under `prefix` (checkpoints); returns how many."""
+        files = [path for path in sorted(folder.rglob("*")) if path.is_file()]
+        for path in files:
+            self.put_named(prefix + path.relative_to(folder).as_posix(), path.read_bytes())
+        return len(files)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.keys_under(prefix):
+            self.client.remove_object(self.bucket, key)
 
     def presigned_url(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self.client.presigned_get_object(self.bucket, key, expires=expires)

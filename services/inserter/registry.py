@@ -39,15 +39,9 @@ def download_checkpoint(name: str) -> Path:
     target = cache_root() / "registered" / f"{name}-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
-    store = get_store()
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    count = 0
-    for obj in store.client.list_objects(store.bucket, prefix=prefix, recursive=True):
-        destination = partial / obj.object_name[len(prefix) :]
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_bytes(store.get(obj.object_name))
-        count += 1
+    count = get_store().download_prefix(prefix, partial)
     if not (partial / "config.json").exists():
         shutil.rmtree(partial, ignore_errors=True)
         raise UnknownModel(f"model {name!r}: s3 prefix {prefix} holds {count} files but no config.json")

@@ -162,18 +162,23 @@ def candidate_images(
     )
     best: dict[str, CandidateImage] = {}
     for image in images:
-        candidate = CandidateImage(
-            image_id=image.id,
-            source_name=image.source_name,
-            s3_key=image.s3_key,
-            caption=image.caption,
-            context_before=image.context_before,
-            context_after=image.context_after,
-            doc_key=doc_keys[image.document_id],
-            score=round(scores[image.id], 6),
-            reasons=sorted(reasons[image.id]),
-        )
+        candidate = candidate_of(image, doc_keys[image.document_id], round(scores[image.id], 6), reasons[image.id])
         kept = best.get(image.source_name)
         if kept is None or candidate.score > kept.score:
             best[image.source_name] = candidate
     return sorted(best.values(), key=lambda c: (-c.score, c.source_name))[:limit]
+
+
+def candidate_of(image, doc_key: str, score: float, reasons) -> CandidateImage:
+    """A candidate from an `images` row (an ORM object or a selected row with the same columns)."""
+    return CandidateImage(
+        image_id=image.id,
+        source_name=image.source_name,
+        s3_key=image.s3_key,
+        caption=image.caption,
+        context_before=image.context_before,
+        context_after=image.context_after,
+        doc_key=doc_key,
+        score=score,
+        reasons=sorted(reasons),
+    )

@@ -237,6 +237,19 @@ def recorder(hooks: TrainingHooks, phase: str, step_offset: int, checkpoint_ever
     return RunRecorder()
 
 
+def shared_trainer_args(config: TrainConfig, work_dir: Path, phase: str) -> dict[str, Any]:
+    """What the SFT and the GRPO trainer are given alike: log every step, save nothing themselves (the recorder
+    uploads checkpoints), report nowhere, the device's flags."""
+    return {
+        "output_dir": str(work_dir / f"{phase}-trainer"),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "gradient_checkpointing": config.gradient_checkpointing,
+        **device_flags(),
+    }
+
+
 def supervised_warm_up(config: TrainConfig, source: str, train: Sequence[TrainingExample], work_dir: Path, hooks):
     """`config.sft_steps` steps of SFT on the gold plans (loss on the completion only); returns the folder."""
     from datasets import Dataset
@@ -245,19 +258,14 @@ def supervised_warm_up(config: TrainConfig, source: str, train: Sequence[Trainin
     model, tokenizer = load_model(source)
     dataset = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in train])
     args = SFTConfig(
-        output_dir=str(work_dir / "sft-trainer"),
         max_steps=config.sft_steps,
         per_device_train_batch_size=config.sft_batch_size,
         learning_rate=config.sft_learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(5, config.sft_steps // 4),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         seed=config.seed,
         max_length=2048,
-        gradient_checkpointing=config.gradient_checkpointing,
-        **device_flags(),
+        **shared_trainer_args(config, work_dir, "sft"),
     )
     callback = recorder(hooks, "sft", 0, 0, work_dir)
     trainer = SFTTrainer(
@@ -287,7 +295,6 @@ def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], wor
         ]
     )
     args = GRPOConfig(
-        output_dir=str(work_dir / "grpo-trainer"),
         max_steps=config.steps - done,
         per_device_train_batch_size=config.prompts_per_step * config.num_generations,
         num_generations=config.num_generations,
@@ -296,12 +303,8 @@ def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], wor
         beta=config.beta,
         learning_rate=config.learning_rate,
         reward_weights=list(config.reward_weights),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         seed=config.seed + done,
-        gradient_checkpointing=config.gradient_checkpointing,
-        **device_flags(),
+        **shared_trainer_args(config, work_dir, "grpo"),
     )
     callback = recorder(hooks, "grpo", done, config.checkpoint_every, work_dir)
     trainer = GRPOTrainer(

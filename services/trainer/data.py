@@ -29,6 +29,7 @@ from services.common.db import session_scope
 from services.common.models import Chunk, Collection, Document, Image
 from services.inserter.core import format_plan, plan_messages
 from services.retriever.chunking import parse_markdown
+from services.retriever.search import candidate_of
 
 # Passages with more sentences than this make prompts longer than a small model reads well (and slow on CPU).
 MAX_UNITS = 24
@@ -113,20 +114,6 @@ def split_of(doc_key: str, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def candidate_of(image: Image, doc_key: str) -> CandidateImage:
-    return CandidateImage(
-        image_id=image.id,
-        source_name=image.source_name,
-        s3_key=image.s3_key,
-        caption=image.caption,
-        context_before=image.context_before,
-        context_after=image.context_after,
-        doc_key=doc_key,
-        score=0.0,
-        reasons=["training"],
-    )
-
-
 def think_text(gold: list[Placement], candidate_count: int) -> str:
     """A short reasoning line for the warm-up target (kept short: every token costs in GRPO's sampling).
 
@@ -186,8 +173,8 @@ def build_examples(collection: str, *, val_fraction: float = 0.2, seed: int = 0)
             if len(distractors) < len(placed):
                 report.skipped["fewer distractors than gold images"] += 1
             doc_key = doc_keys[chunk.document_id]
-            candidates = [candidate_of(image, doc_key) for image in placed] + [
-                candidate_of(image, doc_keys.get(image.document_id, "?")) for image in distractors
+            candidates = [candidate_of(image, doc_key, 0.0, ["training"]) for image in placed] + [
+                candidate_of(image, doc_keys.get(image.document_id, "?"), 0.0, ["training"]) for image in distractors
             ]
             rng.shuffle(candidates)  # the gold images must not always come first
             report.examples.append(

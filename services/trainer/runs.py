@@ -97,17 +97,26 @@ class Claim:
     detail: str = ""
 
 
-def claim_run(run_id: uuid.UUID, worker: str) -> Claim:
+def locked_run(session, run_id: uuid.UUID) -> TrainingRun:
+    """The run's row, locked for this transaction (claims and cancels must not interleave)."""
+    run = session.execute(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update()).scalar_one_or_none()
+    if run is None:
+        raise RunNotFound(f"no training run {run_id}")
+    return run
+
+
+def is_alive(run: TrainingRun) -> bool:
+    """Running, and its worker stamped the heartbeat within `trainer_stale_after_s`."""
     stale_after = timedelta(seconds=get_settings().trainer_stale_after_s)
+    return run.status == "running" and run.heartbeat_at is not None and now() - run.heartbeat_at < stale_after
+
+
+def claim_run(run_id: uuid.UUID, worker: str) -> Claim:
     with session_scope() as session:
-        run = session.execute(
-            select(TrainingRun).where(TrainingRun.id == run_id).with_for_update()
-        ).scalar_one_or_none()
-        if run is None:
-            raise RunNotFound(f"no training run {run_id}")
+        run = locked_run(session, run_id)
         if run.status in FINISHED:
             return Claim("finished", detail=run.status)
-        if run.status == "running" and run.heartbeat_at and now() - run.heartbeat_at < stale_after:
+        if is_alive(run):
             return Claim("busy", detail=f"held by {run.worker} (heartbeat {run.heartbeat_at.isoformat()})")
         config = TrainConfig.from_dict({k: v for k, v in run.config.items() if k != "name"})
         config.name = run.config.get("name")
@@ -169,31 +178,9 @@ def checkpoint_prefix(run_id: uuid.UUID, checkpoint: Checkpoint) -> str:
     return f"training/{run_id}/{checkpoint.phase}-step-{checkpoint.step:05d}/"
 
 
-def upload_folder(folder: Path, prefix: str) -> int:
-    store = get_store()
-    count = 0
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            store.put_named(prefix + path.relative_to(folder).as_posix(), path.read_bytes())
-            count += 1
-    return count
-
-
-def delete_prefix(prefix: str) -> None:
-    store = get_store()
-    for obj in list(store.client.list_objects(store.bucket, prefix=prefix, recursive=True)):
-        store.client.remove_object(store.bucket, obj.object_name)
-
-
 def download_folder(prefix: str, folder: Path) -> Path:
-    store = get_store()
     shutil.rmtree(folder, ignore_errors=True)
-    count = 0
-    for obj in store.client.list_objects(store.bucket, prefix=prefix, recursive=True):
-        target = folder / obj.object_name[len(prefix) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.get(obj.object_name))
-        count += 1
+    count = get_store().download_prefix(prefix, folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {prefix} holds {count} files but no config.json")
     return folder
@@ -222,12 +209,12 @@ class RunHooks(TrainingHooks):
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         prefix = checkpoint_prefix(self.run_id, checkpoint)
-        files = upload_folder(checkpoint.folder, prefix)
+        files = get_store().upload_folder(checkpoint.folder, prefix)
         with session_scope() as session:
             run = session.get(TrainingRun, self.run_id)
             previous, run.last_checkpoint_key = run.last_checkpoint_key, prefix
         if previous and previous != prefix and previous.startswith(f"training/{self.run_id}/grpo-"):
-            delete_prefix(previous)  # the latest GRPO checkpoint (and the warm-up's) is what a resume needs
+            get_store().delete_prefix(previous)  # the latest GRPO checkpoint (and the warm-up's) is what a resume needs
         self.last_checkpoint = checkpoint
         log.info("training run %s: checkpoint %s (%d files)", self.run_id, prefix, files)
 
@@ -249,8 +236,9 @@ def register_model(run_id: uuid.UUID | None, config: TrainConfig, folder: Path, 
     the training run that made them (None: weights trained elsewhere, registered by hand)."""
     name = config.name or default_model_name(config, run_id or uuid.uuid4())
     prefix = f"models/{name}/"
-    delete_prefix(prefix)  # a resumed run registering again replaces, never mixes, files
-    upload_folder(folder, prefix)
+    store = get_store()
+    store.delete_prefix(prefix)  # a resumed run registering again replaces, never mixes, files
+    store.upload_folder(folder, prefix)
     with session_scope() as session:
         session.execute(
             insert(RegisteredModel)
@@ -280,18 +268,12 @@ def finish(run_id: uuid.UUID, status: str, error: str | None = None) -> None:
 
 def request_cancel(run_id: uuid.UUID) -> str:
     """Cancel a run: a queued one (or one whose worker is gone) at once, a running one at its next step."""
-    stale_after = timedelta(seconds=get_settings().trainer_stale_after_s)
     with session_scope() as session:
-        run = session.execute(
-            select(TrainingRun).where(TrainingRun.id == run_id).with_for_update()
-        ).scalar_one_or_none()
-        if run is None:
-            raise RunNotFound(f"no training run {run_id}")
+        run = locked_run(session, run_id)
         if run.status in FINISHED:
             return f"already {run.status}"
         run.cancel_requested_at = now()
-        alive = run.status == "running" and run.heartbeat_at and now() - run.heartbeat_at < stale_after
-        if alive:
+        if is_alive(run):
             return "cancel requested: the run stops after its current step and keeps its last checkpoint"
         run.error = "cancelled by request" + ("" if run.status == "queued" else " (its worker was not heart-beating)")
         run.status, run.finished_at = "cancelled", now()
