@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from dashboard.views.common import STATE_ICON, age, auto_refresh_seconds
 from services.common.db import session_scope
-from services.common.models import RegisteredModel, TrainingRun, TrainingStep
+from services.common.models import RegisteredModel, TrainingRun
 
 
 def runs() -> list[TrainingRun]:
@@ -17,13 +17,10 @@ def runs() -> list[TrainingRun]:
 
 
 def steps(run_id) -> pd.DataFrame:
-    with session_scope() as session:
-        rows = session.execute(
-            select(TrainingStep.phase, TrainingStep.step, TrainingStep.metrics)
-            .where(TrainingStep.run_id == run_id)
-            .order_by(TrainingStep.phase, TrainingStep.step)
-        ).all()
-    return pd.DataFrame([{"phase": phase, "step": step, **(metrics or {})} for phase, step, metrics in rows])
+    from services.trainer.runs import run_steps  # the trainer's modules load only when a run is shown
+
+    rows = [{"phase": phase, "step": step, **(metrics or {})} for phase, step, metrics in run_steps(run_id)]
+    return pd.DataFrame(rows).sort_values(["phase", "step"]) if rows else pd.DataFrame()
 
 
 def render(settings) -> None:
