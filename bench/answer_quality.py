@@ -24,10 +24,10 @@ from pathlib import Path
 from bench.retrieval_quality import DEFAULT_CORPORA, ingest_corpus
 from services.common.contracts import AnswerUnit, InsertionPlan, Placement, Retrieval
 from services.common.db import session_scope
+from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.metrics import aggregate, answer_metrics, parse_gold_answer
 from services.generator.core import generate
 from services.inserter.core import insert
-from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.retriever.search import UnknownCollection, get_collection, retrieve
 
 

@@ -41,9 +41,9 @@ import psutil
 
 from bench.retrieval_quality import DEFAULT_CORPORA, ingest_corpus
 from services.common.db import session_scope
+from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.queues import PIPELINE, Stage
 from services.common.settings import get_settings, load_settings
-from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.retriever.search import UnknownCollection, get_collection
 
 GENERATOR, INSERTER = "extractive", "rule"

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from services.common.db import session_scope
+from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.storage import get_store
-from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.retriever.importers import SourceDocument, read_corpus
 from services.retriever.ingest import ensure_collection, index_documents, stage_document
 from services.retriever.search import DEFAULT_CANDIDATES, get_collection, retrieve

@@ -25,9 +25,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from infra.migrate import upgrade
+from services.common.embedding import get_embedder
 from services.common.settings import get_settings
 from services.retriever.chunking import chunk_document
-from services.retriever.embedding import get_embedder
 from services.retriever.importers import SourceDocument, parse_source, read_corpus
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"

@@ -174,9 +174,9 @@ def ingest(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from services.common.embedding import DEFAULT_EMBEDDING_MODEL
     from services.common.health import online_workers, workers_of
     from services.common.storage import ObjectStore
-    from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
     from services.retriever.ingest import CollectionModelMismatch
     from services.retriever.ingest_runs import check_collection_model, enqueue, finish_run, item_counts, stage_run
 
@@ -309,7 +309,7 @@ def search(
     import json
 
     from services.common.db import session_scope
-    from services.retriever.embedding import get_embedder
+    from services.common.embedding import get_embedder
     from services.retriever.search import UnknownCollection, get_collection, retrieve
 
     if (text is None) == (questions is None):

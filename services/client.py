@@ -90,9 +90,9 @@ class Client:
     def ingest(self, path: str | Path, collection: str, model: str | None = None) -> uuid.UUID:
         """Read a corpus (verify and store its images in S3) and queue its documents for the
         retriever workers; returns the ingest run id at once (`ingest_runs()` follows it)."""
+        from services.common.embedding import DEFAULT_EMBEDDING_MODEL
         from services.common.settings import get_settings
         from services.common.storage import get_store
-        from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
         from services.retriever.ingest_runs import check_collection_model, enqueue, stage_run
 
         model = model or get_settings().embedding_model or DEFAULT_EMBEDDING_MODEL

@@ -26,12 +26,17 @@ def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 40)) -> bytes
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     """A tiny file that claims 400 Mpx: the header alone is enough to refuse it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 GOOD_DOCS = {
@@ -68,9 +73,11 @@ def write_markdown_corpus(root: Path) -> Path:
     (root / "docs" / "latin1.md").write_bytes("# Caf\xe9\n\nCr\xe8me br\xfbl\xe9e.\n".encode("latin-1"))
     (root / "docs" / "empty.md").write_text("   \n\n")
     (root / "docs.jsonl").write_text(
-        json.dumps({"doc_id": "pancakes", "title": "Pancakes", "tags": ["breakfast"]}) + "\n"
+        json.dumps({"doc_id": "pancakes", "title": "Pancakes", "tags": ["breakfast"]})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"doc_id": "tomato-soup", "title": "Tomato soup"}) + "\n"
+        + json.dumps({"doc_id": "tomato-soup", "title": "Tomato soup"})
+        + "\n"
     )
     return root
 
@@ -93,7 +100,7 @@ def write_mramg_corpus(root: Path) -> Path:
     lines = [
         json.dumps(["d1", "The lighthouse guides ships at night. <PIC> It was built in 1850.", ["toy_1"]]),
         json.dumps(["d2", "Boats return at dusk. <PIC> The harbour is busy in summer. <PIC>", ["toy_2", "toy_3"]]),
-        "[\"d3\", \"a line cut short",
+        '["d3", "a line cut short',
         json.dumps(["d4", "", []]),
     ]
     (root / "doc_toy.jsonl").write_text("\n".join(lines) + "\n")

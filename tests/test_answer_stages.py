@@ -11,11 +11,11 @@ from sqlalchemy import select
 
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Passage, Placement
 from services.common.db import session_scope
+from services.common.embedding import get_embedder
 from services.common.models import Answer, Job, Query
 from services.generator.core import extractive_answer
 from services.inserter.core import PlanFormatError, insert, parse_plan, rule_plan
 from services.merger.core import interleave, merge, to_markdown
-from services.retriever.embedding import get_embedder
 
 PASSAGE = Passage(
     chunk_id=1,
@@ -232,11 +232,11 @@ def test_checkpoint_backend_serves_a_registered_model(servers, tmp_path, monkeyp
     the plan says why."""
     import transformers
 
+    from services.common.embedding import resolve_model_source
     from services.common.models import RegisteredModel
     from services.common.settings import get_settings
     from services.common.storage import get_store
     from services.inserter import registry
-    from services.retriever.embedding import resolve_model_source
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_source("all-MiniLM-L6-v2"))
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"

@@ -1,6 +1,7 @@
 """Parsing and chunking, against hand-checked cases."""
 
-from services.retriever.chunking import chunk_document, parse_markdown, split_sentences
+from services.common.text import parse_markdown, split_sentences
+from services.retriever.chunking import chunk_document
 
 RECIPE = """# Pancakes
 
@@ -74,12 +75,16 @@ def test_long_sections_split_between_units_only():
 
 def test_sentence_splitting():
     assert split_sentences("Press the Q icon, e.g. the button. Then go 3.5 m away! Is it done? Yes.") == [
-        "Press the Q icon, e.g. the button.", "Then go 3.5 m away!", "Is it done?", "Yes."]
+        "Press the Q icon, e.g. the button.",
+        "Then go 3.5 m away!",
+        "Is it done?",
+        "Yes.",
+    ]
     assert split_sentences("") == []
 
 
 def test_pic_markers_take_their_images_in_order():
-    from services.retriever.chunking import ImageRef
+    from services.common.text import ImageRef
 
     text = "A cat sits on a mat. <PIC> The cat then sleeps.\n\nLater it wakes. <PIC>"
     parsed = parse_markdown(text, pic_images=[ImageRef(source="img1"), ImageRef(source="img2")])

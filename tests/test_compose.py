@@ -121,12 +121,8 @@ def one_shot_services(config: dict) -> set[str]:
 
 
 def gpu_devices(service: dict) -> list[dict]:
-    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
-        "devices"
-    ) or []
-    return [
-        device for device in devices if device.get("driver") == "nvidia" and "gpu" in device["capabilities"]
-    ]
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [device for device in devices if device.get("driver") == "nvidia" and "gpu" in device["capabilities"]]
 
 
 def stage_queues() -> set[str]:
@@ -268,9 +264,7 @@ def test_unfilled_env_example_is_refused():
 
 
 def test_no_secret_literal_in_compose_files():
-    key = re.compile(
-        r"^\s*-?\s*([A-Za-z0-9_]*(?:PASSWORD|SECRET)[A-Za-z0-9_]*)\s*[:=]\s*(.*)$", re.IGNORECASE
-    )
+    key = re.compile(r"^\s*-?\s*([A-Za-z0-9_]*(?:PASSWORD|SECRET)[A-Za-z0-9_]*)\s*[:=]\s*(.*)$", re.IGNORECASE)
     for path in (COMPOSE_FILE, CPU_OVERRIDE):
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if line.lstrip().startswith("#") or not (match := key.match(line)):

@@ -16,8 +16,7 @@ def test_markdown_folder_with_bad_inputs(tmp_path):
     assert set(documents) == {"pancakes", "tomato-soup", "bad-images"}
     assert documents["pancakes"].title == "Pancakes"
     assert documents["pancakes"].meta == {"tags": ["breakfast"]}
-    assert [image.source_name for image in documents["pancakes"].images] == ["images/pancakes.png",
-                                                                            "images/frying.jpg"]
+    assert [image.source_name for image in documents["pancakes"].images] == ["images/pancakes.png", "images/frying.jpg"]
     reasons = {item.what: item.reason for item in skipped}
     assert reasons["docs.jsonl line 2"].startswith("malformed metadata line")
     assert reasons["docs/latin1.md"] == "invalid UTF-8 at byte 5"
@@ -48,7 +47,8 @@ def test_mramg_release_layout(tmp_path):
     d2 = documents["toy/d2"]
     assert d2.pic_images == ["toy_2", "toy_3"]
     assert [(i.source_name, i.caption) for i in d2.images] == [
-        ("IMAGE/images/toy/harbour.png", "Fishing boats moored in a small harbour")]
+        ("IMAGE/images/toy/harbour.png", "Fishing boats moored in a small harbour")
+    ]
     reasons = {item.what: item.reason for item in skipped}
     assert reasons["image toy_3 (in toy/d2)"] == "missing image file toy/missing.png"
     assert reasons["doc_toy.jsonl line 3"].startswith("malformed line")

@@ -125,8 +125,8 @@ def test_ingest_through_the_queue_reports_skips_and_is_idempotent(workers, tmp_p
 def ingest_in_process(path: Path, name: str) -> uuid.UUID:
     """The same functions as the CLI and the worker, called in this process."""
     from services.common.contracts import IngestBatch
+    from services.common.embedding import DEFAULT_EMBEDDING_MODEL
     from services.common.storage import get_store
-    from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
     from services.retriever.ingest_runs import index_batch, stage_run
 
     store = get_store()
@@ -200,8 +200,8 @@ def test_mramg_layout_search_cli_and_retrieve_task(workers, tmp_path):
 def test_retrieval_quality_on_the_recipe_corpus():
     """The real corpus with the default offline model: the bench's aims, held as a floor."""
     from bench.retrieval_quality import score_corpus
+    from services.common.embedding import DEFAULT_EMBEDDING_MODEL
     from services.jobs.demo import DEMO_CORPUS  # the copy of ../shared/corpora/recipes shipped in the repo
-    from services.retriever.embedding import DEFAULT_EMBEDDING_MODEL
 
     name = f"recipes-{uuid.uuid4().hex[:8]}"
     ingest_in_process(DEMO_CORPUS, name)

@@ -48,9 +48,7 @@ def test_bucket_bootstrap_is_idempotent(store):
 
 def test_wrong_secret_is_refused(store):
     settings = get_settings()
-    intruder = Minio(
-        settings.s3_endpoint, access_key=settings.s3_access_key, secret_key="wrong-secret", secure=False
-    )
+    intruder = Minio(settings.s3_endpoint, access_key=settings.s3_access_key, secret_key="wrong-secret", secure=False)
     with pytest.raises(S3Error) as caught:
         intruder.list_objects(store.bucket)
         list(intruder.list_objects(store.bucket))

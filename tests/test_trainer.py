@@ -235,9 +235,9 @@ def memorised_model(tiny_model: Path, example: data.TrainingExample, folder: Pat
 
 @pytest.mark.slow
 def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, tiny_model, tmp_path):
+    from services.common.embedding import get_embedder
     from services.inserter.core import insert
     from services.inserter.registry import load_registered_model
-    from services.retriever.embedding import get_embedder
     from services.trainer.runs import register_model
 
     example = next(e for e in examples.examples if len(e.gold) == 1)

@@ -78,12 +78,8 @@ def test_invalid_payloads_are_recorded_and_the_worker_keeps_serving(workers):
     worker = workers.start(Stage.GENERATOR.value)
     bad = {
         "not a uuid": app.send_task("generator.smoke", args=[{"query_id": "not-a-uuid"}]),
-        "out of range": app.send_task(
-            "generator.smoke", args=[{"query_id": str(uuid.uuid4()), "hold_seconds": -5}]
-        ),
-        "unknown field": app.send_task(
-            "generator.smoke", args=[{"query_id": str(uuid.uuid4()), "surprise": 1}]
-        ),
+        "out of range": app.send_task("generator.smoke", args=[{"query_id": str(uuid.uuid4()), "hold_seconds": -5}]),
+        "unknown field": app.send_task("generator.smoke", args=[{"query_id": str(uuid.uuid4()), "surprise": 1}]),
         "unknown query": app.send_task("generator.smoke", args=[{"query_id": str(uuid.uuid4())}]),
         "wrong shape": app.send_task("generator.smoke", args=[1, 2]),
         "unknown task": app.send_task("generator.no_such_task", args=[{}], queue="generator"),
@@ -115,9 +111,7 @@ def test_invalid_payloads_are_recorded_and_the_worker_keeps_serving(workers):
 
 def test_permanent_error_fails_the_query_with_a_readable_message(workers):
     workers.start(Stage.MERGER.value)
-    probe = create_probe_query(image_key="smoke/00/00/this-image-vanished").model_copy(
-        update={"chain": False}
-    )
+    probe = create_probe_query(image_key="smoke/00/00/this-image-vanished").model_copy(update={"chain": False})
     send_probe(Stage.MERGER, probe)
     failed = wait_for(lambda: runs_by_status(probe.query_id, Stage.MERGER).get("failed"), 30, "a failed run")
     assert "does not exist" in failed[0].error

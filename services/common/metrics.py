@@ -10,7 +10,7 @@ Conventions shared by every function here:
 - An **image sequence** is a list of image names in the order the images appear in an answer.
   The gold sequence is the `gold_images` list that goes with a gold answer whose images are
   written as `<PIC>` placeholders (the n-th `<PIC>` stands for `gold_images[n]`).
-- An image's **position** is a sentence number as `services.retriever.chunking` counts units:
+- An image's **position** is a sentence number as `services.common.text` counts units:
   `position = k` means "right after the k-th unit", 0 means "before the first unit".
 - Scores are floats in [0, 1], higher is better. `None` means "not defined for this answer"
   and is skipped by :func:`aggregate`.
@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.retriever.chunking import ImageRef, parse_markdown
+from services.common.text import ImageRef, parse_markdown
 
 PIC_MARKER = "<PIC>"
 
@@ -208,7 +208,7 @@ def rouge_l(candidate: str, reference: str) -> float:
 def parse_gold_answer(gold_answer: str, gold_images: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """Split a gold answer with `<PIC>` markers into its units and the gold position of each image.
 
-    Uses the project's own unit parser (`services.retriever.chunking.parse_markdown`), so the
+    Uses the project's own unit parser (`services.common.text.parse_markdown`), so the
     sentences are numbered the way the generator and inserter number them: headings, sentences
     and list items, from 1. The n-th `<PIC>` stands for `gold_images[n]`; its position is the
     number of units before it (0 = before the first).

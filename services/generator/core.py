@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retrieval, TextAnswer
-from services.retriever.chunking import parse_markdown
-from services.retriever.embedding import Embedder
+from services.common.embedding import Embedder
+from services.common.text import parse_markdown
 
 MMR_LAMBDA = 0.75  # relevance weighs 3x redundancy: answers to how-to questions repeat vocabulary
 MAX_UNITS = 14

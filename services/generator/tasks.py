@@ -7,13 +7,13 @@ from typing import Any
 from celery import Task
 
 from services.common.contracts import QueryRef, Retrieval
+from services.common.embedding import get_embedder
 from services.common.queues import Stage
 from services.common.settings import get_settings
 from services.common.smoke import smoke_task
 from services.common.stage_runs import query_and_config, stage_output
 from services.common.tasks import send_to, stage_task
 from services.generator.core import generate
-from services.retriever.embedding import get_embedder
 
 smoke = smoke_task(Stage.GENERATOR)
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement
-from services.retriever.embedding import Embedder
+from services.common.embedding import Embedder
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is

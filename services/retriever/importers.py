@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from services.retriever.chunking import ImageRef, image_refs_in, parse_markdown
+from services.common.text import ImageRef, image_refs_in, parse_markdown
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}

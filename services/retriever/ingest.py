@@ -17,10 +17,11 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from services.common.embedding import Embedder
 from services.common.models import Chunk, Collection, Document, Image
 from services.common.storage import ObjectStore
-from services.retriever.chunking import ImageRef, chunk_document
-from services.retriever.embedding import Embedder
+from services.common.text import ImageRef
+from services.retriever.chunking import chunk_document
 from services.retriever.images import ImageRejected, verify_image
 from services.retriever.importers import LinkedImage, Skipped, SourceDocument, parse_source
 

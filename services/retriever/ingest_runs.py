@@ -16,10 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.contracts import IngestBatch
 from services.common.db import session_scope
+from services.common.embedding import get_embedder
 from services.common.models import Collection, IngestItem, IngestRun
 from services.common.stage_runs import now
 from services.common.storage import ObjectStore
-from services.retriever.embedding import get_embedder
 from services.retriever.importers import Skipped, SourceDocument, detect_layout, read_corpus
 from services.retriever.ingest import CollectionModelMismatch, ensure_collection, index_documents, stage_document
 

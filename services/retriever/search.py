@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 from services.common.contracts import CandidateImage, Passage, Retrieval
 from services.common.db import vector_literal
+from services.common.embedding import Embedder
 from services.common.models import Collection, Image
 from services.common.settings import get_settings
-from services.retriever.embedding import Embedder
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion

@@ -8,11 +8,11 @@ from celery import Task
 
 from services.common.contracts import IngestBatch, QueryRef
 from services.common.db import session_scope
+from services.common.embedding import get_embedder
 from services.common.models import Job, Query
 from services.common.queues import Stage
 from services.common.smoke import smoke_task
 from services.common.tasks import RefusedMessage, queue_task, send_to, stage_task
-from services.retriever.embedding import get_embedder
 from services.retriever.ingest_runs import index_batch
 from services.retriever.search import DEFAULT_CANDIDATES, DEFAULT_TOP_K, get_collection, retrieve
 

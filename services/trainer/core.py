@@ -422,8 +422,8 @@ def evaluate_model(source: str, examples: Sequence[TrainingExample], max_new_tok
 
 
 def evaluate_rule(examples: Sequence[TrainingExample]) -> dict[str, Any]:
+    from services.common.embedding import get_embedder
     from services.inserter.core import rule_plan
-    from services.retriever.embedding import get_embedder
 
     embedder = get_embedder()
     rows = []

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from services.common.contracts import AnswerUnit, CandidateImage, Placement
 from services.common.db import session_scope
 from services.common.models import Chunk, Collection, Document, Image
+from services.common.text import parse_markdown
 from services.inserter.core import format_plan, plan_messages
-from services.retriever.chunking import parse_markdown
 from services.retriever.search import candidate_of
 
 # Passages with more sentences than this make prompts longer than a small model reads well (and slow on CPU).
