@@ -2,7 +2,7 @@
 VENV ?= .venv
 export HF_HUB_OFFLINE = 1
 
-.PHONY: setup demo test lint up ps down
+.PHONY: setup demo test test-unit lint up ps down
 
 setup:
 	bash infra/setup.sh
@@ -14,6 +14,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# The pure tests only (no server, no worker): seconds.
+test-unit: setup
+	$(VENV)/bin/python -m pytest -m unit
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -43,8 +43,15 @@ class Servers:
         return self.env["M2IO_DATABASE_URL"]
 
 
-# autouse: the servers exist, and the environment points at them, before any test configures Celery.
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
+def _servers_unless_unit(request: pytest.FixtureRequest) -> None:
+    """Every test but a `unit` one gets the servers before it runs (and the environment pointing at
+    them, before anything configures Celery); `pytest -m unit` starts none and runs in seconds."""
+    if request.node.get_closest_marker("unit") is None:
+        request.getfixturevalue("servers")
+
+
+@pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     from infra.cluster import LocalCluster
     from infra.processes import free_port

@@ -102,6 +102,7 @@ def test_edge_cases_have_defined_results(embedder):
 UNITS = [AnswerUnit(text="One."), AnswerUnit(text="Two.")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("output", "error"),
     [

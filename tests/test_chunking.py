@@ -1,7 +1,11 @@
 """Parsing and chunking, against hand-checked cases."""
 
+import pytest
+
 from services.common.text import parse_markdown, split_sentences
 from services.retriever.chunking import chunk_document
+
+pytestmark = pytest.mark.unit
 
 RECIPE = """# Pancakes
 

@@ -19,6 +19,10 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 CPU_OVERRIDE = REPO_ROOT / "compose.cpu.yaml"

@@ -1,5 +1,7 @@
 """Importers on small real corpora: every bad input is skipped with its reason, the rest goes in."""
 
+import pytest
+
 from services.retriever.importers import Skipped, SourceDocument, read_corpus, read_single_file
 from services.retriever.ingest import stage_document
 from tests.corpus_fixtures import write_markdown_corpus, write_mramg_corpus
@@ -11,6 +13,7 @@ def split(items):
     return documents, skipped
 
 
+@pytest.mark.unit
 def test_markdown_folder_with_bad_inputs(tmp_path):
     documents, skipped = split(list(read_corpus(write_markdown_corpus(tmp_path))))
     assert set(documents) == {"pancakes", "tomato-soup", "bad-images"}
@@ -41,6 +44,7 @@ def test_bad_image_bytes_are_refused_with_reasons(tmp_path, servers):
     assert (stored["width"], stored["height"], stored["mime_type"]) == (48, 32, "image/png")
 
 
+@pytest.mark.unit
 def test_mramg_release_layout(tmp_path):
     documents, skipped = split(list(read_corpus(write_mramg_corpus(tmp_path))))
     assert set(documents) == {"toy/d1", "toy/d2"}
@@ -55,6 +59,7 @@ def test_mramg_release_layout(tmp_path):
     assert reasons["doc_toy.jsonl line 4"] == "empty document"
 
 
+@pytest.mark.unit
 def test_single_html_file(tmp_path):
     (tmp_path / "pics").mkdir()
     from tests.corpus_fixtures import png
@@ -74,6 +79,7 @@ def test_single_html_file(tmp_path):
     assert [image.source_name for image in document.images] == ["pics/chart.png"]
 
 
+@pytest.mark.unit
 def test_single_markdown_file(tmp_path):
     page = tmp_path / "note.md"
     page.write_text("# Note\n\nJust text, no images.\n")

@@ -177,6 +177,7 @@ def test_openai_unreachable_server_is_an_error_after_the_retries():
     assert not isinstance(raised.value, LLMTimeout)
 
 
+@pytest.mark.unit
 def test_unavailable_local_models_say_what_to_do():
     with pytest.raises(LLMError, match="HF_HUB_OFFLINE"):
         LocalChatModel("m2io-tests/no-such-model").warm_up()
@@ -193,6 +194,7 @@ def clean_settings():
     llm._chat_model.cache_clear()
 
 
+@pytest.mark.unit
 def test_get_chat_model_specs(monkeypatch, tmp_path, clean_settings):
     monkeypatch.setenv("M2IO_OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
     monkeypatch.setenv("M2IO_OPENAI_API_KEY", API_KEY)

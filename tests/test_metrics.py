@@ -17,6 +17,8 @@ from services.common.metrics import (
     weighted_edit_distance,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_doctests():
     result = doctest.testmod(metrics)

@@ -10,6 +10,8 @@ import pytest
 from services.jobs import core, export
 from services.jobs.questions import MAX_QUESTION_CHARS, from_records, parse_lines, read_questions
 
+pytestmark = pytest.mark.unit
+
 
 def lines_of(*items) -> list[str]:
     return [item if isinstance(item, str) else json.dumps(item) for item in items]

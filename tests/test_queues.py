@@ -1,7 +1,11 @@
 """The task-name -> queue map is a contract with messages already queued: a rename would orphan them."""
 
+import pytest
+
 from services.common.celery_app import app
 from services.common.queues import PIPELINE, Stage, next_stage, task_routes
+
+pytestmark = pytest.mark.unit
 
 # Snapshot. Changing it means queued messages of the old name are never consumed: migrate them first.
 EXPECTED_TASKS = {

@@ -3,6 +3,8 @@ from pydantic import ValidationError
 
 from services.common.settings import Settings, load_settings
 
+pytestmark = pytest.mark.unit
+
 
 def test_placeholder_secret_is_refused():
     with pytest.raises(ValidationError, match="placeholder"):

@@ -29,6 +29,7 @@ GOLD = [{"image": "a.jpg", "after": 1}, {"image": "b.jpg", "after": 3}]
 NAMES = ["x.jpg", "a.jpg", "y.jpg", "b.jpg"]
 
 
+@pytest.mark.unit
 def test_doctests_of_rewards_data_core_and_plan_parser():
     from services.inserter import core as inserter_core
 
@@ -37,6 +38,7 @@ def test_doctests_of_rewards_data_core_and_plan_parser():
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [
@@ -61,6 +63,7 @@ def test_reward_components(completion, expected):
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.unit
 def test_the_total_reward_cannot_be_gamed_by_placing_every_image():
     columns = {"unit_count": [4] * 4, "candidate_names": [NAMES] * 4, "gold": [GOLD] * 4}
     exact = plan_text(("a.jpg", 1), ("b.jpg", 3))
