@@ -3,6 +3,8 @@ OpenAI-compatible HTTP server (tests/openai_server.py) that answers with that sa
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import logging
 import time
@@ -15,6 +17,7 @@ from services.common import llm
 from services.common.llm import (
     CONVERSION_MARKER,
     DEFAULT_LOCAL_MODEL,
+    ChatModel,
     LLMError,
     LLMTimeout,
     LocalChatModel,
@@ -217,3 +220,28 @@ def test_get_chat_model_specs(monkeypatch, tmp_path, clean_settings):
         get_chat_model("llamacpp")
     with pytest.raises(ValidationError, match="placeholder"):
         Settings(openai_api_key="changeme")
+
+
+@pytest.mark.unit
+def test_both_models_have_the_protocols_methods():
+    for method in ("warm_up", "chat"):
+        expected = inspect.signature(getattr(ChatModel, method))
+        assert inspect.signature(getattr(LocalChatModel, method)) == expected
+        assert inspect.signature(getattr(OpenAIChatModel, method)) == expected
+
+
+@pytest.mark.unit
+def test_the_llm_modules_import_one_way():
+    """base imports no sibling, openai only base, local base and bundle (it converts the bundled default);
+    nothing in the package imports a stage."""
+    folder = Path(llm.__file__).parent
+    allowed = {"base": set(), "bundle": {"base"}, "openai": {"base"}, "local": {"base", "bundle"}}
+    for module, siblings in allowed.items():
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        ours = {name for name in imported if name.startswith("services.")}
+        assert {
+            name.removeprefix("services.common.llm.") for name in ours if name.startswith("services.common.llm")
+        } == siblings
+        assert all(name.startswith("services.common.") for name in ours), (module, ours)
