@@ -42,7 +42,7 @@ import psutil
 from bench.retrieval_quality import DEFAULT_CORPORA, ingest_corpus
 from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
-from services.common.queues import PIPELINE, Stage
+from services.common.queues import ANSWER_TASKS, PIPELINE, Stage, next_stage
 from services.common.settings import get_settings, load_settings
 from services.retriever.search import UnknownCollection, get_collection
 
@@ -212,7 +212,7 @@ def in_process_worker(torch_threads: int | None, work, control) -> None:
         Stage.INSERTER: insert_for_query,
         Stage.MERGER: merge_for_query,
     }
-    expected_next = {"retriever": "generator.generate", "generator": "inserter.insert", "inserter": "merger.merge"}
+    expected_next = {stage.value: ANSWER_TASKS[after] for stage in PIPELINE if (after := next_stage(stage))}
     handed_on: list[str] = []
     # The one thing replaced: the hop to the next queue is recorded, and the loop calls that task.
     app.send_task = lambda name, *args, **kwargs: handed_on.append(name)
@@ -247,8 +247,9 @@ def run_in_process(
     from sqlalchemy import select
 
     from services.common.models import Query
-    from services.jobs.core import job_status, submit_job
+    from services.jobs.core import job_config, submit_job
     from services.jobs.questions import from_records
+    from services.jobs.status import job_status
 
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited connections
     work = context.Queue()
@@ -262,14 +263,8 @@ def run_in_process(
     threads = [pipe.recv()[1] for pipe in pipes]
 
     def run_job(batch: list[dict[str, Any]], name: str, meter: CpuMeter | None = None):
-        job_id = submit_job(
-            from_records(batch),
-            batch[0]["collection"],
-            generator=GENERATOR,
-            inserter=INSERTER,
-            name=name,
-            enqueue=False,
-        )
+        config = job_config(batch[0]["collection"], generator=GENERATOR, inserter=INSERTER)
+        job_id = submit_job(from_records(batch), config, name=name, enqueue=False)
         with session_scope() as session:
             query_ids = session.scalars(
                 select(Query.id).where(Query.job_id == job_id, Query.status == "queued").order_by(Query.line)
@@ -343,7 +338,7 @@ def restart_workers(cluster, concurrency: int, torch_threads: int | None, per_st
 def wait_lightly(job_id, stall: float, poll_s: float = 2.0):
     """Wait for the job with the cheap status (counts only): the detailed one reads every stage run
     of the job, which at 1,000 questions costs the client and Postgres CPU the workers need."""
-    from services.jobs.core import job_status
+    from services.jobs.status import job_status
 
     last_change, last_print, seen = time.monotonic(), 0.0, None
     while True:

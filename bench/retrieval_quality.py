@@ -16,12 +16,13 @@ import json
 import time
 from pathlib import Path
 
+from services.common.contracts import DEFAULT_CANDIDATES
 from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.storage import get_store
 from services.retriever.importers import SourceDocument, read_corpus
 from services.retriever.ingest import ensure_collection, index_documents, stage_document
-from services.retriever.search import DEFAULT_CANDIDATES, get_collection, retrieve
+from services.retriever.search import get_collection, retrieve
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

@@ -23,14 +23,16 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from services.common.contracts import InsertionPlan, Retrieval, TextAnswer
+from services.common.contracts import InsertionPlan, JobConfig, Retrieval, TextAnswer
 from services.common.db import session_scope
 from services.common.models import Answer, Collection, Document, Image, Query, StageRun
+from services.common.stage_runs import outputs_of
 from services.jobs import core
-from services.jobs.core import JobError, JobStatus, RetryReport, UnknownJob
+from services.jobs.core import JobError, RetryReport
 from services.jobs.questions import QuestionLine, from_records, read_questions
+from services.jobs.status import JobStatus, UnknownJob, job_status, list_jobs, parse_job_id
 
-__all__ = ["Client", "JobError", "UnknownJob", "JobStatus", "RetryReport", "QueryView", "AnswerView"]
+__all__ = ["Client", "JobConfig", "JobError", "UnknownJob", "JobStatus", "RetryReport", "QueryView", "AnswerView"]
 
 
 class QueryView(BaseModel):
@@ -184,7 +186,7 @@ class Client:
     def submit(
         self,
         questions: str | Path | Iterable[dict[str, Any]] | list[QuestionLine],
-        collection: str,
+        config: JobConfig | str,
         *,
         generator: str | None = None,
         inserter: str | None = None,
@@ -192,28 +194,26 @@ class Client:
         candidates: int | None = None,
         name: str | None = None,
     ) -> uuid.UUID:
-        """Submit a job: a questions .jsonl path, or question dicts (`id`, `question`, gold fields)."""
+        """Submit a job: a questions .jsonl path, or question dicts (`id`, `question`, gold fields).
+
+        `config` is a `JobConfig`, or a collection name with the other options as keywords."""
+        if isinstance(config, str):
+            config = core.job_config(config, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates)
+        elif any(option is not None for option in (generator, inserter, top_k, candidates)):
+            raise JobError("give the options in the JobConfig, not beside it")
         if isinstance(questions, str | Path):
             parsed = read_questions(Path(questions))
             name = name or Path(questions).name
         else:
             items = list(questions)
             parsed = items if items and isinstance(items[0], QuestionLine) else from_records(items)
-        return core.submit_job(
-            parsed,
-            collection,
-            generator=generator,
-            inserter=inserter,
-            top_k=top_k,
-            candidates=candidates,
-            name=name,
-        )
+        return core.submit_job(parsed, config, name=name)
 
     def status(self, job_id: str | uuid.UUID) -> JobStatus:
-        return core.job_status(job_id)
+        return job_status(job_id)
 
     def jobs(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[JobStatus]:
-        return core.list_jobs(limit=limit, state=state, search=search)
+        return list_jobs(limit=limit, state=state, search=search)
 
     def wait(
         self,
@@ -231,7 +231,7 @@ class Client:
         status: JobStatus | None = None
         while True:
             try:
-                status = core.job_status(job_id)
+                status = job_status(job_id)
             except OperationalError:
                 if status is None:
                     raise
@@ -278,7 +278,7 @@ class Client:
         return reports
 
     def queries(self, job_id: str | uuid.UUID) -> list[QueryView]:
-        job_id = core.parse_job_id(job_id)
+        job_id = parse_job_id(job_id)
         with session_scope() as session:
             queries = session.scalars(
                 select(Query).where(Query.job_id == job_id).order_by(Query.line.nulls_last(), Query.created_at)
@@ -312,7 +312,7 @@ class Client:
                     id=q.external_id,
                     question=q.question,
                     status=q.status,
-                    error=q.error,
+                    error=q.described_error,
                     line=q.line,
                     stages=stages.get(q.id, {}),
                     has_answer=q.id in answered,
@@ -329,26 +329,20 @@ class Client:
             if query is None:
                 raise LookupError(f"no query {query_id}")
             answer = session.execute(select(Answer).where(Answer.query_id == query_id)).scalar_one_or_none()
-            outputs = dict(
-                session.execute(
-                    select(StageRun.stage, StageRun.output).where(
-                        StageRun.query_id == query_id, StageRun.status == "succeeded"
-                    )
-                ).all()
-            )
+            outputs = outputs_of(query_id)
             view = AnswerView(
                 query_id=query.id,
                 job_id=query.job_id,
                 id=query.external_id,
                 question=query.question,
                 status=query.status,
-                error=query.error,
+                error=query.described_error,
                 markdown=answer.markdown if answer else None,
                 blocks=answer.blocks if answer else [],
                 html_key=answer.html_key if answer else None,
-                retrieval=Retrieval.model_validate(outputs["retriever"]) if "retriever" in outputs else None,
-                text_answer=TextAnswer.model_validate(outputs["generator"]) if "generator" in outputs else None,
-                plan=InsertionPlan.model_validate(outputs["inserter"]) if "inserter" in outputs else None,
+                retrieval=outputs.retrieval,
+                text_answer=outputs.answer,
+                plan=outputs.plan,
                 gold=dict(query.gold or {}),
                 metrics=None,
             )

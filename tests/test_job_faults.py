@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from services.common.db import get_engine, session_scope
 from services.common.models import Answer, Query, StageRun
 from services.common.queues import PIPELINE
-from services.jobs.core import JobStatus, job_status
+from services.jobs.status import JobStatus, job_status
 from tests.test_jobs import m2io
 from tests.test_workers import wait_for
 

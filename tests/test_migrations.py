@@ -122,3 +122,39 @@ def test_hnsw_index_serves_cosine_search(empty_database):
     engine.dispose()
     assert "ix_chunks_embedding_hnsw_384" in plan
     assert nearest == 1234
+
+
+def test_0005_moves_the_failed_stage_out_of_the_error_text_and_back(empty_database):
+    """Queries failed before 0005 had their stage as a prefix of `error`; 0005 moves it into
+    `error_stage` (and a downgrade puts it back), so no failure loses where it happened."""
+    upgrade(empty_database, "0004")
+    engine = create_engine(empty_database)
+    errors = {
+        "a": "input: line 3: invalid JSON",
+        "b": "retriever: ValueError: no collection named 'x'",
+        "c": "cancelled by the user",
+        "d": None,
+    }
+    with engine.begin() as conn:
+        job = uuid.uuid4()
+        conn.execute(text("INSERT INTO jobs (id, kind) VALUES (:id, 'answer')"), {"id": job})
+        for external_id, error in errors.items():
+            conn.execute(
+                text("INSERT INTO queries (id, job_id, external_id, question, error) VALUES (:id, :job, :x, 'q', :e)"),
+                {"id": uuid.uuid4(), "job": job, "x": external_id, "e": error},
+            )
+
+    def rows(columns: str) -> dict:
+        with engine.connect() as conn:
+            return {row[0]: tuple(row[1:]) for row in conn.execute(text(f"SELECT external_id, {columns} FROM queries"))}
+
+    upgrade(empty_database)
+    assert rows("error_stage, error") == {
+        "a": ("input", "line 3: invalid JSON"),
+        "b": ("retriever", "ValueError: no collection named 'x'"),
+        "c": (None, "cancelled by the user"),
+        "d": (None, None),
+    }
+    downgrade(empty_database, "0004")
+    assert rows("error") == {key: (value,) for key, value in errors.items()}
+    engine.dispose()

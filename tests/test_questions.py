@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from services.jobs import core, export
+from services.generator.core import BACKENDS as GENERATOR_BACKENDS
+from services.inserter.core import BACKENDS as INSERTER_BACKENDS
+from services.jobs import core, export, status
 from services.jobs.questions import MAX_QUESTION_CHARS, from_records, parse_lines, read_questions
 
 pytestmark = pytest.mark.unit
@@ -86,19 +88,19 @@ def test_duplicates_invalid_utf8_and_files(tmp_path):
     ],
 )
 def test_job_state_from_query_counts(counts, cancelled, state):
-    assert core.job_state(counts, sum(counts.values()), cancelled) == state
+    assert status.job_state(counts, sum(counts.values()), cancelled) == state
 
 
 def test_percentiles_and_backend_checks():
-    assert core.percentile([], 0.5) is None
-    assert core.percentile([4, 1, 3, 2], 0.5) == 2
-    assert core.percentile(list(range(1, 101)), 0.99) == 99
-    assert core.percentile([5.0], 0.99) == 5.0
-    core.check_backend("generator", "openai:gpt-4o-mini", core.GENERATOR_BACKENDS)
+    assert status.percentile([], 0.5) is None
+    assert status.percentile([4, 1, 3, 2], 0.5) == 2
+    assert status.percentile(list(range(1, 101)), 0.99) == 99
+    assert status.percentile([5.0], 0.99) == 5.0
+    core.check_backend("generator", "openai:gpt-4o-mini", GENERATOR_BACKENDS)
     with pytest.raises(core.JobError, match="unknown inserter backend 'checkpoint'"):
-        core.check_backend("inserter", "checkpoint", core.INSERTER_BACKENDS)
+        core.check_backend("inserter", "checkpoint", INSERTER_BACKENDS)
     with pytest.raises(core.JobError, match="unknown generator backend 'gpt'"):
-        core.check_backend("generator", "gpt", core.GENERATOR_BACKENDS)
+        core.check_backend("generator", "gpt", GENERATOR_BACKENDS)
 
 
 def test_export_doctests():

@@ -59,3 +59,53 @@ def test_pipeline_order():
     assert next_stage(Stage.RETRIEVER) is Stage.GENERATOR
     assert next_stage(Stage.MERGER) is None
     assert next_stage(Stage.TRAINER) is None
+
+
+def test_the_stage_table_names_each_answer_task_and_its_output():
+    from services.common.contracts import InsertionPlan, MergeOutput, Retrieval, TextAnswer
+    from services.common.queues import ANSWER_TASKS, STAGES
+    from services.common.stage_runs import StageOutputs
+
+    assert [(entry.stage, entry.task, entry.output) for entry in STAGES] == [
+        (Stage.RETRIEVER, "retriever.retrieve", Retrieval),
+        (Stage.GENERATOR, "generator.generate", TextAnswer),
+        (Stage.INSERTER, "inserter.insert", InsertionPlan),
+        (Stage.MERGER, "merger.merge", MergeOutput),
+    ]
+    assert set(ANSWER_TASKS.values()) <= set(EXPECTED_TASKS)
+    # every answer task is registered under the stage's queue, and its output has a place in StageOutputs
+    for entry in STAGES:
+        assert EXPECTED_TASKS[entry.task] == entry.stage.queue
+        assert StageOutputs.__dataclass_fields__[entry.field].type == f"{entry.output.__name__} | None"
+
+
+def test_stage_outputs_decode_each_stored_output_as_its_contract():
+    from services.common.stage_runs import StageOutputs
+
+    outputs = StageOutputs.from_rows(
+        [
+            ("retriever", {"collection": "c", "question": "q?", "passages": [], "candidates": []}),
+            ("inserter", {"placements": [{"image": "a.jpg", "after": 2}], "backend": "rule"}),
+        ]
+    )
+    assert outputs.retrieval.question == "q?" and outputs.plan.placements[0].after == 2
+    assert outputs.answer is None and outputs.merged is None
+    assert outputs.has(Stage.RETRIEVER) and not outputs.has(Stage.GENERATOR)
+    with pytest.raises(ValueError):  # a stored output that does not fit its contract is an error, not a dict
+        StageOutputs.from_rows([("generator", {"units": "not a list", "backend": "x"})])
+
+
+def test_job_config_is_validated_once_with_readable_errors():
+    from services.common.contracts import JobConfig
+    from services.jobs.core import JobError, job_config
+
+    config = job_config("recipes", inserter="checkpoint:mine", top_k=3)
+    assert config == JobConfig(collection="recipes", inserter="checkpoint:mine", top_k=3)
+    assert (config.candidates, config.generator) == (12, None)
+    assert config.with_defaults("extractive", "rule") == config.model_copy(update={"generator": "extractive"})
+    with pytest.raises(JobError, match=r"top_k=0: use 1\.\.100"):
+        job_config("recipes", top_k=0)
+    with pytest.raises(JobError, match="collection"):
+        job_config("")
+    with pytest.raises(ValueError):  # unknown fields are refused: a typo in a producer must not pass
+        JobConfig.model_validate({"collection": "c", "top_kk": 3})

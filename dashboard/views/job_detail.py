@@ -65,7 +65,7 @@ def render(settings) -> None:
         return
 
     def backend(kind: str) -> str:
-        chosen = status.config.get(kind)
+        chosen = getattr(status.config, kind)
         return chosen or f"{getattr(settings, f'{kind}_backend')} (workers' default)"
 
     @st.fragment(run_every=auto_refresh_seconds("job", not status.done))

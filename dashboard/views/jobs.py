@@ -6,8 +6,11 @@ import streamlit as st
 
 from dashboard.views.common import STATE_ICON, age, auto_refresh_seconds, client, link
 from services.client import JobError, UnknownJob
-from services.jobs.core import GENERATOR_BACKENDS, INSERTER_BACKENDS, job_status
+from services.generator.core import BACKENDS as GENERATOR_BACKENDS
+from services.inserter.core import BACKENDS as INSERTER_BACKENDS
+from services.jobs.core import job_config
 from services.jobs.questions import parse_lines
+from services.jobs.status import job_status
 
 STATES = ["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 
@@ -59,14 +62,10 @@ def submit_form() -> None:
         return
     questions = parse_lines(upload.getvalue().splitlines())
     try:
-        job_id = client().submit(
-            questions,
-            collection,
-            generator=generator.strip() or None,
-            inserter=inserter.strip() or None,
-            top_k=int(top_k),
-            name=name.strip() or upload.name,
+        config = job_config(
+            collection, generator=generator.strip() or None, inserter=inserter.strip() or None, top_k=int(top_k)
         )
+        job_id = client().submit(questions, config, name=name.strip() or upload.name)
     except JobError as error:
         st.error(str(error))
         return

@@ -31,6 +31,28 @@ class SmokeProbe(Contract):
     image_key: str | None = None
 
 
+# ------------------------------------------------------------------ jobs
+DEFAULT_TOP_K = 5  # passages per question: enough for the answer's section and a neighbour or two
+DEFAULT_CANDIDATES = 12  # candidate images offered to the inserter
+
+
+class JobConfig(Contract):
+    """What a job asks of every stage, validated once at submit (`services.jobs.commands`) and stored
+    with the job; each stage reads it with `model_validate`, none with a default of its own."""
+
+    collection: str = Field(min_length=1, max_length=200)  # a question's own `collection` overrides it
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=100)
+    candidates: int = Field(default=DEFAULT_CANDIDATES, ge=1, le=100)
+    # backend specs: "extractive" | "local[:model]" | "openai[:model]"; "rule" | "llm[:model]" | "checkpoint:<name>".
+    # None until submit fills in the settings' defaults (M2IO_GENERATOR_BACKEND, M2IO_INSERTER_BACKEND).
+    generator: str | None = Field(default=None, min_length=1)
+    inserter: str | None = Field(default=None, min_length=1)
+
+    def with_defaults(self, generator: str, inserter: str) -> JobConfig:
+        """The config with unset backends filled in (jobs stored before backends were always set have none)."""
+        return self.model_copy(update={"generator": self.generator or generator, "inserter": self.inserter or inserter})
+
+
 # ------------------------------------------------------------------ retrieval
 class Passage(BaseModel):
     chunk_id: int
@@ -115,6 +137,14 @@ class AnswerBlock(BaseModel):
     text: str | None = None
     source_name: str | None = None
     caption: str | None = None
+
+
+class MergeOutput(BaseModel):
+    """The merger's stored output: where the answer went (its text is in `answers`)."""
+
+    html_key: str
+    images: int
+    warnings: list[str] = []
 
 
 class MergedAnswer(BaseModel):

@@ -135,9 +135,19 @@ class Query(Base):
         String(20), server_default="queued", comment="queued | running | succeeded | failed | cancelled"
     )
     error: Mapped[str | None] = mapped_column(Text)
+    error_stage: Mapped[str | None] = mapped_column(
+        String(40), comment="where a failed query failed: input | enqueue | a pipeline stage"
+    )
     created_at: Mapped[datetime] = utcnow_column()
     updated_at: Mapped[datetime] = utcnow_column(onupdate=func.now())
     job: Mapped[Job] = relationship(back_populates="queries")
+
+    @property
+    def described_error(self) -> str | None:
+        """The error as users read it: `stage: message`."""
+        if self.error is None or self.error_stage is None:
+            return self.error
+        return f"{self.error_stage}: {self.error}"
 
 
 class StageRun(Base):

@@ -1,8 +1,14 @@
-"""The one source of truth for queues: Celery routes, worker `-Q` flags and compose.yaml derive from it."""
+"""The one source of truth for queues and stages: Celery routes, worker `-Q` flags, compose.yaml, the
+next hop of each answer stage and the loader of a query's stored outputs all derive from it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
+
+from pydantic import BaseModel
+
+from services.common.contracts import InsertionPlan, MergeOutput, Retrieval, TextAnswer
 
 
 class Stage(StrEnum):
@@ -19,8 +25,35 @@ class Stage(StrEnum):
         return self.value
 
 
-# The answer pipeline, in order; the trainer stands apart (it is fed by `m2io train`).
-PIPELINE: tuple[Stage, ...] = (Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER, Stage.MERGER)
+@dataclass(frozen=True)
+class AnswerStage:
+    """A stage of the answer pipeline: the task that runs it on one query (`{"query_id": ...}`) and
+    the contract of the output it stores (`stage_runs.output`), which later stages read."""
+
+    stage: Stage
+    task: str  # `<stage>.<operation>`: a stable name (tests/test_queues.py snapshots it)
+    output: type[BaseModel]
+    field: str  # the attribute of `StageOutputs` that holds it
+
+    @property
+    def operation(self) -> str:
+        return self.task.split(".", 1)[1]
+
+
+# The answer pipeline, in order; the trainer stands apart (it is fed by `m2io train`). A job enters at
+# the first stage, a retry re-enters at the stage that failed.
+STAGES: tuple[AnswerStage, ...] = (
+    AnswerStage(Stage.RETRIEVER, "retriever.retrieve", Retrieval, "retrieval"),
+    AnswerStage(Stage.GENERATOR, "generator.generate", TextAnswer, "answer"),
+    AnswerStage(Stage.INSERTER, "inserter.insert", InsertionPlan, "plan"),
+    AnswerStage(Stage.MERGER, "merger.merge", MergeOutput, "merged"),
+)
+PIPELINE: tuple[Stage, ...] = tuple(entry.stage for entry in STAGES)
+ANSWER_TASKS: dict[Stage, str] = {entry.stage: entry.task for entry in STAGES}
+
+
+def answer_stage(stage: Stage | str) -> AnswerStage:
+    return next(entry for entry in STAGES if entry.stage == stage)
 
 
 def next_stage(stage: Stage) -> Stage | None:
@@ -33,13 +66,3 @@ def next_stage(stage: Stage) -> Stage | None:
 def task_routes() -> dict[str, dict[str, str]]:
     """Task names are `<stage>.<operation>`; every task of a stage goes to that stage's queue."""
     return {f"{stage.value}.*": {"queue": stage.queue} for stage in Stage}
-
-
-# The task that runs each answer stage on one query (`{"query_id": ...}`); a job enters at the
-# retriever, and a retry re-enters at the stage that failed.
-ANSWER_TASKS: dict[Stage, str] = {
-    Stage.RETRIEVER: "retriever.retrieve",
-    Stage.GENERATOR: "generator.generate",
-    Stage.INSERTER: "inserter.insert",
-    Stage.MERGER: "merger.merge",
-}

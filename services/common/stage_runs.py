@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from services.common.contracts import InsertionPlan, JobConfig, MergeOutput, Retrieval, TextAnswer
 from services.common.db import session_scope
 from services.common.models import DeadLetter, Query, StageRun
+from services.common.queues import STAGES, Stage, answer_stage
+from services.common.settings import get_settings
 
 MAX_RECORDED_PAYLOAD = 10_000  # characters of a refused message kept for the operator
 MAX_ERROR_LENGTH = 4_000
@@ -111,7 +116,8 @@ def fail_attempt(run_id: int, error: str, *, retrying: bool) -> None:
             query = session.get(Query, run.query_id)
             if query is not None:
                 query.status = "failed"
-                query.error = f"{run.stage}: {error}"[:MAX_ERROR_LENGTH]
+                query.error = error[:MAX_ERROR_LENGTH]
+                query.error_stage = run.stage
 
 
 def record_dead_letter(
@@ -139,23 +145,78 @@ class StageOutputMissing(LookupError):
     pass
 
 
-def stage_output(query_id: uuid.UUID, stage: str) -> dict[str, Any]:
-    """The output of the succeeded run of a stage for a query (what the next stage reads)."""
+@dataclass(frozen=True)
+class StageOutputs:
+    """The stored outputs of a query's succeeded stages, each as its contract (`queues.STAGES`)."""
+
+    retrieval: Retrieval | None = None
+    answer: TextAnswer | None = None
+    plan: InsertionPlan | None = None
+    merged: MergeOutput | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[str, dict[str, Any]]]) -> StageOutputs:
+        """From (stage, output) pairs of succeeded stage runs."""
+        found = {}
+        for stage, output in rows:
+            entry = answer_stage(stage)
+            found[entry.field] = entry.output.model_validate(output)
+        return cls(**found)
+
+    def has(self, stage: Stage) -> bool:
+        return getattr(self, answer_stage(stage).field) is not None
+
+
+def outputs_of(query_id: uuid.UUID, *, require: Iterable[Stage] = ()) -> StageOutputs:
+    """The outputs of a query's succeeded stages; StageOutputMissing if one in `require` has none."""
     with session_scope() as session:
-        output = session.execute(
-            select(StageRun.output).where(
-                StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "succeeded"
+        rows = session.execute(
+            select(StageRun.stage, StageRun.output).where(
+                StageRun.query_id == query_id,
+                StageRun.status == "succeeded",
+                StageRun.stage.in_([entry.stage.value for entry in STAGES]),
             )
-        ).scalar_one_or_none()
-    if output is None:
-        raise StageOutputMissing(f"query {query_id} has no succeeded {stage} stage")
-    return output
+        ).all()
+    outputs = StageOutputs.from_rows(rows)
+    for stage in require:
+        if not outputs.has(stage):
+            raise StageOutputMissing(f"query {query_id} has no succeeded {stage.value} stage")
+    return outputs
 
 
-def query_and_config(query_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
-    """The question and its job's configuration."""
+def outputs_of_job(job_id: uuid.UUID, stages: Iterable[Stage] | None = None) -> dict[uuid.UUID, StageOutputs]:
+    """The outputs of every query of a job (only `stages`, if given), keyed by query id."""
+    wanted = [stage.value for stage in stages] if stages is not None else [entry.stage.value for entry in STAGES]
+    rows: dict[uuid.UUID, list[tuple[str, dict[str, Any]]]] = {}
+    with session_scope() as session:
+        for query_id, stage, output in session.execute(
+            select(StageRun.query_id, StageRun.stage, StageRun.output)
+            .join(Query, Query.id == StageRun.query_id)
+            .where(Query.job_id == job_id, StageRun.status == "succeeded", StageRun.stage.in_(wanted))
+        ):
+            rows.setdefault(query_id, []).append((stage, output))
+    return {query_id: StageOutputs.from_rows(pairs) for query_id, pairs in rows.items()}
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """What a stage needs to know of its query besides the earlier stages' outputs."""
+
+    question: str
+    collection: str  # the question's own collection, else the job's
+    config: JobConfig  # backends filled in from the settings for jobs stored without them
+
+
+def query_context(query_id: uuid.UUID) -> QueryContext:
     with session_scope() as session:
         query = session.get(Query, query_id)
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
-        return query.question, dict(query.job.config or {})
+        config = JobConfig.model_validate(query.job.config or {})
+        question, collection = query.question, query.collection or config.collection
+    settings = get_settings()
+    return QueryContext(
+        question=question,
+        collection=collection,
+        config=config.with_defaults(settings.generator_backend, settings.inserter_backend),
+    )

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services.common.celery_app import app
-from services.common.contracts import Contract
-from services.common.queues import Stage
+from services.common.contracts import Contract, QueryRef
+from services.common.queues import ANSWER_TASKS, Stage, answer_stage, next_stage
 from services.common.stage_runs import (
     QueryCancelled,
     QueryNotFound,
@@ -160,8 +160,32 @@ def stage_task(
     return decorate
 
 
+def answer_task(
+    stage: Stage, then: Callable[[QueryRef], None] | None = None
+) -> Callable[[Callable[[QueryRef, Task], Any]], Task]:
+    """The task of an answer stage (`queues.STAGES`): a `stage_task` on a `QueryRef` under the stage's
+    task name, whose work returns the stage's output contract (stored as the stage run's output).
+    After success it enqueues the next stage of the pipeline, or calls `then` after the last one."""
+    entry = answer_stage(stage)
+    following = next_stage(stage)
+    if then is None and following is not None:
+        then = send_to(ANSWER_TASKS[following])
+
+    def decorate(work: Callable[[QueryRef, Task], Any]) -> Task:
+        def run_stage(ref: QueryRef, task: Task) -> dict[str, Any]:
+            output = work(ref, task)
+            if not isinstance(output, entry.output):
+                raise TypeError(f"{entry.task} returned {type(output).__name__}, not {entry.output.__name__}")
+            return output.model_dump(mode="json")
+
+        run_stage.__name__ = work.__name__
+        return stage_task(stage, entry.operation, QueryRef, then=then)(run_stage)
+
+    return decorate
+
+
 def send_to(task_name: str) -> Callable[[Any], None]:
-    """`then=send_to("generator.generate")`: enqueue the same payload for the next stage's task."""
+    """Enqueue the same payload for another task (the next stage's, named in `queues.STAGES`)."""
 
     def send(payload: Any) -> None:
         app.send_task(task_name, args=[payload.model_dump(mode="json")])

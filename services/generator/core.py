@@ -19,6 +19,8 @@ from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retri
 from services.common.embedding import Embedder
 from services.common.text import parse_markdown
 
+# The generator backends a job may name (`JobConfig.generator`): `extractive`, `local[:model]`, `openai[:model]`.
+BACKENDS = ("extractive", "local", "openai")
 MMR_LAMBDA = 0.75  # relevance weighs 3x redundancy: answers to how-to questions repeat vocabulary
 MAX_UNITS = 14
 MAX_WORDS = 260

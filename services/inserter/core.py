@@ -26,6 +26,8 @@ from services.common.embedding import Embedder
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
 # not the text the image stood next to.
+# The inserter backends a job may name (`JobConfig.inserter`): `rule`, `llm[:model spec]`, `checkpoint:<name>`.
+BACKENDS = ("rule", "llm", "checkpoint")
 MATCH_MIN = 0.8
 CAPTION_WEIGHT = 0.85  # a caption match is weaker evidence than matching the image's own context
 MAX_NEW_TOKENS = 256

@@ -17,12 +17,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from services.common.contracts import InsertionPlan, Retrieval, TextAnswer
+from services.common.contracts import JobConfig, Retrieval
 from services.common.db import session_scope
 from services.common.metrics import aggregate, answer_metrics
-from services.common.models import EvalRun, Query, StageRun
-from services.common.queues import Stage
-from services.jobs.core import job_status, parse_job_id
+from services.common.models import EvalRun, Query
+from services.common.stage_runs import StageOutputs, outputs_of_job
+from services.jobs.status import job_status, parse_job_id
 
 ANSWER_METRICS = ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l")
 RETRIEVAL_METRICS = ("retrieval_image_recall", "retrieval_doc_hit")
@@ -48,12 +48,10 @@ def retrieval_metrics(retrieval: Retrieval | None, gold: dict[str, Any]) -> dict
     return {"retrieval_image_recall": image_recall, "retrieval_doc_hit": doc_hit}
 
 
-def score_query(question: str, gold: dict[str, Any], outputs: dict[str, dict], status: str) -> dict[str, Any]:
-    retrieval = Retrieval.model_validate(outputs[Stage.RETRIEVER.value]) if Stage.RETRIEVER.value in outputs else None
+def score_query(question: str, gold: dict[str, Any], outputs: StageOutputs, status: str) -> dict[str, Any]:
+    retrieval, answer, plan = outputs.retrieval, outputs.answer, outputs.plan
     row: dict[str, Any] = {}
-    if status == "succeeded" and Stage.GENERATOR.value in outputs and Stage.INSERTER.value in outputs:
-        answer = TextAnswer.model_validate(outputs[Stage.GENERATOR.value])
-        plan = InsertionPlan.model_validate(outputs[Stage.INSERTER.value])
+    if status == "succeeded" and answer is not None and plan is not None:
         placements = sorted(plan.placements, key=lambda p: p.after)
         ordered = [basename(p.image) for p in placements]
         positions = {basename(p.image): p.after for p in placements}
@@ -71,12 +69,13 @@ def score_query(question: str, gold: dict[str, Any], outputs: dict[str, dict], s
     return row
 
 
-def backend_label(config: dict[str, Any], outputs: list[dict[str, dict]]) -> str:
-    """`generator+inserter` as the stages actually ran them (the workers' defaults when unset)."""
-    generator, inserter = config.get("generator"), config.get("inserter")
+def backend_label(config: JobConfig, outputs: list[StageOutputs]) -> str:
+    """`generator+inserter` as the stages actually ran them (jobs stored before submit filled in the
+    backends have none in their config)."""
+    generator, inserter = config.generator, config.inserter
     for output in outputs:
-        generator = generator or output.get(Stage.GENERATOR.value, {}).get("backend")
-        inserter = inserter or output.get(Stage.INSERTER.value, {}).get("backend")
+        generator = generator or (output.answer.backend if output.answer else None)
+        inserter = inserter or (output.plan.backend if output.plan else None)
         if generator and inserter:
             break
     return f"{generator or '?'}+{inserter or '?'}"
@@ -87,27 +86,21 @@ def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]
     job_id = parse_job_id(job_id)
     status = job_status(job_id)
     with session_scope() as session:
-        queries = session.execute(
-            select(Query.id, Query.external_id, Query.question, Query.gold, Query.status, Query.error)
-            .where(Query.job_id == job_id)
-            .order_by(Query.line.nulls_last())
-        ).all()
-        outputs: dict[uuid.UUID, dict[str, dict]] = {}
-        for query_id, stage, output in session.execute(
-            select(StageRun.query_id, StageRun.stage, StageRun.output)
-            .join(Query, Query.id == StageRun.query_id)
-            .where(Query.job_id == job_id, StageRun.status == "succeeded")
-        ):
-            outputs.setdefault(query_id, {})[stage] = output
+        queries = (
+            session.execute(select(Query).where(Query.job_id == job_id).order_by(Query.line.nulls_last()))
+            .scalars()
+            .all()
+        )
+    outputs = outputs_of_job(job_id)
     rows = []
     for query in queries:
         gold = query.gold or {}
         if not gold.get("gold_answer"):
             continue
         row = {"id": query.external_id, "status": query.status}
-        row.update(score_query(query.question, gold, outputs.get(query.id, {}), query.status))
+        row.update(score_query(query.question, gold, outputs.get(query.id, StageOutputs()), query.status))
         if query.status != "succeeded":
-            row["error"] = query.error
+            row["error"] = query.described_error
         rows.append(row)
     numeric = [{k: v for k, v in row.items() if k in ANSWER_METRICS + RETRIEVAL_METRICS} for row in rows]
     summary = aggregate(numeric)
@@ -118,7 +111,7 @@ def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]
         "job_id": str(job_id),
         "collection": status.collection,
         "backends": backend_label(status.config, list(outputs.values())),
-        "config": status.config,
+        "config": status.config.model_dump(mode="json"),
         "state": status.state,
         "questions": len(queries),
         "scored": len(rows),
@@ -129,7 +122,7 @@ def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]
         with session_scope() as session:
             run = EvalRun(
                 job_id=job_id,
-                config={"collection": status.collection, "backends": report["backends"], **status.config},
+                config={"collection": status.collection, "backends": report["backends"], **report["config"]},
                 metrics=summary,
                 score=summary.get("image_f1"),
             )

@@ -20,12 +20,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from services.common.contracts import AnswerBlock, Retrieval
+from services.common.contracts import AnswerBlock
 from services.common.db import session_scope
-from services.common.models import Answer, Query, StageRun
+from services.common.models import Answer, Query
 from services.common.queues import Stage
+from services.common.stage_runs import outputs_of_job
 from services.common.storage import ObjectMissing, ObjectStore, get_store
-from services.jobs.core import job_status, parse_job_id
+from services.jobs.status import job_status, parse_job_id
 from services.merger.core import to_html
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -88,13 +89,7 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
             .where(Query.job_id == job_id)
             .order_by(Query.line.nulls_last(), Query.created_at)
         ).all()
-        retrievals = dict(
-            session.execute(
-                select(StageRun.query_id, StageRun.output)
-                .join(Query, Query.id == StageRun.query_id)
-                .where(Query.job_id == job_id, StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded")
-            ).all()
-        )
+    retrievals = {query_id: out.retrieval for query_id, out in outputs_of_job(job_id, [Stage.RETRIEVER]).items()}
     taken: set[str] = {"index"}
     written_images: set[str] = set()
     entries = []
@@ -107,10 +102,10 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
             "question": query.question,
             "status": status_text,
             "blocks": blocks,
-            "error": None if answer else query.error,
+            "error": None if answer else query.described_error,
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
-        candidates = Retrieval.model_validate(retrievals[query.id]).candidates if query.id in retrievals else []
+        candidates = retrievals[query.id].candidates if query.id in retrievals else []
         if answer:
             result.answered += 1
             markdown = f"# {query.question}\n\n{answer.markdown}"
@@ -129,7 +124,7 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
                 result.warnings += [f"{query.external_id}: {w}" for w in warnings]
             result.images_written += write_images(blocks, candidates, store, out_dir, written_images, result)
         else:
-            reason = query.error or f"no answer yet ({query.status})"
+            reason = query.described_error or f"no answer yet ({query.status})"
             markdown = f"# {query.question}\n\n**No answer** ({query.status}): {reason}\n"
             page = (
                 "<!doctype html><html><head><meta charset='utf-8'>"
@@ -174,7 +169,7 @@ def write_images(blocks, candidates, store, out_dir: Path, written: set[str], re
 def index_page(status, entries) -> str:
     rows = []
     for stem, query, state, images in entries:
-        error = html.escape(query.error or "") if state != "succeeded" else ""
+        error = html.escape(query.described_error or "") if state != "succeeded" else ""
         rows.append(
             f"<tr class='{html.escape(state)}'><td>{html.escape(query.external_id)}</td>"
             f"<td><a href='{stem}.html'>{html.escape(query.question[:200] or '(no question)')}</a></td>"

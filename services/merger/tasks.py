@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from celery import Task
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as upsert
 
-from services.common.contracts import InsertionPlan, QueryRef, Retrieval, TextAnswer
+from services.common.contracts import MergeOutput, QueryRef
 from services.common.db import session_scope
 from services.common.models import Answer, Query
 from services.common.queues import Stage
 from services.common.smoke import smoke_task
-from services.common.stage_runs import now, query_and_config, stage_output
+from services.common.stage_runs import now, outputs_of, query_context
 from services.common.storage import get_store
-from services.common.tasks import stage_task
+from services.common.tasks import answer_task
 from services.merger.core import merge
 
 smoke = smoke_task(Stage.MERGER)
@@ -29,14 +28,12 @@ def finish_query(ref: QueryRef) -> None:
         session.execute(update(Query).where(Query.id == ref.query_id).values(status="succeeded", updated_at=now()))
 
 
-@stage_task(Stage.MERGER, "merge", QueryRef, then=finish_query)
-def merge_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
-    question, _ = query_and_config(ref.query_id)
-    retrieval = Retrieval.model_validate(stage_output(ref.query_id, Stage.RETRIEVER.value))
-    answer = TextAnswer.model_validate(stage_output(ref.query_id, Stage.GENERATOR.value))
-    plan = InsertionPlan.model_validate(stage_output(ref.query_id, Stage.INSERTER.value))
+@answer_task(Stage.MERGER, then=finish_query)
+def merge_for_query(ref: QueryRef, task: Task) -> MergeOutput:
+    question = query_context(ref.query_id).question
+    outputs = outputs_of(ref.query_id, require=[Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER])
     store = get_store()
-    merged, page = merge(question, answer.units, plan, retrieval.candidates, store)
+    merged, page = merge(question, outputs.answer.units, outputs.plan, outputs.retrieval.candidates, store)
     prefix = f"answers/{ref.query_id}"
     store.put_named(f"{prefix}/answer.html", page.encode(), "text/html; charset=utf-8")
     store.put_named(f"{prefix}/answer.md", merged.markdown.encode(), "text/markdown; charset=utf-8")
@@ -52,8 +49,8 @@ def merge_for_query(ref: QueryRef, task: Task) -> dict[str, Any]:
                 set_={"markdown": merged.markdown, "blocks": blocks, "html_key": f"{prefix}/answer.html"},
             )
         )
-    return {
-        "html_key": f"{prefix}/answer.html",
-        "images": sum(b["type"] == "image" for b in blocks),
-        "warnings": merged.warnings,
-    }
+    return MergeOutput(
+        html_key=f"{prefix}/answer.html",
+        images=sum(b["type"] == "image" for b in blocks),
+        warnings=merged.warnings,
+    )

@@ -12,7 +12,7 @@ from collections import defaultdict
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from services.common.contracts import CandidateImage, Passage, Retrieval
+from services.common.contracts import DEFAULT_CANDIDATES, DEFAULT_TOP_K, CandidateImage, Passage, Retrieval
 from services.common.db import vector_literal
 from services.common.embedding import Embedder
 from services.common.models import Collection, Image
@@ -20,8 +20,6 @@ from services.common.settings import get_settings
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion
-DEFAULT_TOP_K = 5
-DEFAULT_CANDIDATES = 12
 
 
 class UnknownCollection(LookupError):
