@@ -73,10 +73,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         s3_bucket="m2io-test",
     )
     cluster = LocalCluster(settings, start_dashboard=False)
-    env: dict[str, str] = {}
-    env.update(cluster.ensure_postgres(env, print))
-    env.update(cluster.ensure_redis(env, print))
-    env.update(cluster.ensure_s3(env, print))
+    env = cluster.ensure_servers({}, print)
     cluster.migrate(env, print)
     env["M2IO_STATE_DIR"] = str(state_dir)
     os.environ.update(env)

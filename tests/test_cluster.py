@@ -285,6 +285,32 @@ def test_help_of_every_command() -> None:
         assert f"m2io {' '.join(command)}".strip() in " ".join(result.stdout.split()), result.stdout
 
 
+@pytest.mark.unit
+def test_one_class_per_server_in_start_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.cluster import LocalCluster
+    from services.common.settings import Settings
+
+    for key in ("M2IO_DATABASE_URL", "M2IO_S3_ENDPOINT"):  # set when the test servers run
+        monkeypatch.delenv(key, raising=False)
+    cluster = LocalCluster(Settings(state_dir=tmp_path), start_dashboard=False)
+    assert [server.name for server in cluster.servers] == SERVERS
+    assert cluster.managed_names() == EVERYTHING
+    assert cluster.worker_names() == WORKERS
+    # `down` sends each its own signal: SIGINT is Postgres's fast shutdown, the rest get SIGTERM.
+    assert [server.stop_signal for server in cluster.servers + cluster.clients] == [
+        signal.SIGINT,
+        *[signal.SIGTERM] * 4,
+    ]
+    assert LocalCluster(Settings(state_dir=tmp_path)).managed_names()[-1:] == ["dashboard"]
+
+    # A server the environment configures is external: used, never started here.
+    monkeypatch.setenv("M2IO_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/m2io")
+    monkeypatch.setenv("M2IO_S3_ENDPOINT", "127.0.0.1:2")
+    external = LocalCluster(Settings(state_dir=tmp_path), start_dashboard=False)
+    assert external.managed_names() == ["redis", *WORKERS]
+    assert [row.state for row in external.s3.probe({})] == ["external"]
+
+
 @pytest.mark.slow
 def test_up_starts_everything(cluster: Cluster) -> None:
     result = cluster.m2io(*UP)

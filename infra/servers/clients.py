@@ -1,0 +1,98 @@
+"""The clients of the servers: one Celery worker per stage, and the Streamlit dashboard."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from collections.abc import Callable
+
+from infra.processes import require_free_ports, spawn
+from infra.servers.base import REPO_ROOT, ClusterState, Echo, Health, Server
+from infra.servers.redis import broker_url
+from services.common.health import online_workers, workers_of
+from services.common.queues import Stage
+
+DASHBOARD_APP = REPO_ROOT / "dashboard" / "app.py"
+
+
+class Workers(Server):
+    """One worker per stage, `worker-<stage>`, consuming the stage's queue. `down` stops them with
+    SIGTERM: a warm shutdown (they finish the task in hand; acks_late re-queues it if we must kill)."""
+
+    def __init__(self, state: ClusterState, argv: Callable[[Stage], list[str]]):
+        super().__init__(state)
+        self.argv = argv  # a stage's worker command line
+
+    @staticmethod
+    def name_of(stage: Stage) -> str:
+        return f"worker-{stage.value}"
+
+    def names(self) -> list[str]:
+        return [self.name_of(stage) for stage in Stage]
+
+    def ensure(self, env: dict[str, str], echo: Echo) -> dict[str, str]:
+        for stage in Stage:
+            name = self.name_of(stage)
+            if self.state.table.live(name):
+                continue
+            record = spawn(
+                self.state.table,
+                name,
+                self.argv(stage),
+                self.state.logs / f"{name}.log",
+                env=self.state.process_env(env),
+                cwd=REPO_ROOT,
+                extra={"queue": stage.queue},
+            )
+            echo(f"worker {stage.value}: started (pid {record.pid}, queue {stage.queue})")
+        return {}
+
+    def probe(self, env: dict[str, str]) -> list[Health]:
+        redis_url = broker_url(env, self.state.settings)
+        online, error = online_workers(redis_url)
+        if error:
+            print(f"warning: cannot ping workers through {redis_url}: {error}", file=sys.stderr)
+        return [self.state.row(self.name_of(stage), lambda stage=stage: answers(stage, online)) for stage in Stage]
+
+
+def answers(stage: Stage, online: set[str]) -> tuple[str, str]:
+    answered = workers_of(stage, online)
+    if answered:
+        return "healthy", f"queue {stage.queue}; answers ping as {answered[0]}"
+    return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
+
+
+class Dashboard(Server):
+    name = "dashboard"
+
+    def __init__(self, state: ClusterState, *, start: bool):
+        super().__init__(state)
+        self.start = start and DASHBOARD_APP.exists()
+
+    def managed_names(self) -> list[str]:
+        return self.names() if self.start else []
+
+    def ensure(self, env: dict[str, str], echo: Echo) -> dict[str, str]:
+        if not self.start or self.state.table.live("dashboard"):
+            return {}
+        port = self.state.settings.dashboard_port
+        require_free_ports({"dashboard": port}, "M2IO_DASHBOARD_PORT")
+        argv = [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP), "--server.address", "127.0.0.1"]
+        argv += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+        log = self.state.logs / "dashboard.log"
+        process_env = self.state.process_env(env)
+        record = spawn(self.state.table, "dashboard", argv, log, port=port, env=process_env, cwd=REPO_ROOT)
+        echo(f"dashboard: http://127.0.0.1:{port} (pid {record.pid})")
+        return {}
+
+    def probe(self, env: dict[str, str]) -> list[Health]:
+        # Shown whenever the app exists: `up --no-dashboard` leaves it absent, not hidden.
+        return [self.state.row("dashboard", self.answers)] if DASHBOARD_APP.exists() else []
+
+    def answers(self) -> tuple[str, str]:
+        url = f"http://127.0.0.1:{self.state.settings.dashboard_port}/_stcore/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return ("healthy", url) if response.status == 200 else ("unhealthy", f"HTTP {response.status}")
+        except OSError as error:
+            return "unhealthy", str(error)
