@@ -38,10 +38,10 @@ def test_bad_image_bytes_are_refused_with_reasons(tmp_path, servers):
     assert reasons["images/corrupt.png"].startswith("corrupt image")
     assert reasons["images/notes.png"] == "not an image (Pillow does not recognise the bytes)"
     assert "decompression bomb" in reasons["images/bomb.png"]
-    assert [image["source_name"] for image in payload["images"]] == ["images/fine.png"]
-    stored = payload["images"][0]
-    assert store.get(stored["s3_key"]) == (tmp_path / "images" / "fine.png").read_bytes()
-    assert (stored["width"], stored["height"], stored["mime_type"]) == (48, 32, "image/png")
+    assert [image.source_name for image in payload.images] == ["images/fine.png"]
+    stored = payload.images[0]
+    assert store.get(stored.s3_key) == (tmp_path / "images" / "fine.png").read_bytes()
+    assert (stored.width, stored.height, stored.mime_type) == (48, 32, "image/png")
 
 
 @pytest.mark.unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,6 +87,32 @@ class Retrieval(BaseModel):
     question: str
     passages: list[Passage]
     candidates: list[CandidateImage]
+
+
+class StagedImage(Contract):
+    """An image of a staged document: verified and stored in S3 (by sha256) before indexing."""
+
+    link: str  # the reference as the document writes it (path, or MRAMG image id)
+    source_name: str  # path relative to the corpus root: the image's name in answers and evaluations
+    caption: str = ""
+    s3_key: str
+    sha256: str
+    mime_type: str
+    width: int
+    height: int
+
+
+class StagedDocument(Contract):
+    """The ingest payload of one document (`ingest_items.payload`): what the CLI read and stored,
+    for a retriever worker to index. Its images' bytes are already in S3."""
+
+    doc_key: str
+    markdown: str  # Markdown; `pic` documents use <PIC> markers that stand for `pic_images` in order
+    source_path: str
+    title: str | None = None
+    pic_images: list[str] = []  # links, in marker order (MRAMG)
+    meta: dict[str, Any] = {}
+    images: list[StagedImage] = []
 
 
 class IngestBatch(Contract):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from services.common.text import ImageRef, image_refs_in, parse_markdown
+from services.common.contracts import StagedDocument
+from services.common.text import ImageRef, ParsedDocument, image_refs_in, parse_markdown
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
@@ -345,9 +346,10 @@ def resolve_mramg_image(image_path: str, root: Path) -> Path | str:
     return f"missing image file {image_path}"
 
 
-def parse_source(document: SourceDocument) -> tuple[Any, dict[str, LinkedImage]]:
-    """Parse a source document into units and positioned images; images without a usable file
-    (missing, rejected) are dropped from the parse but their text stays."""
+def parse_source(document: SourceDocument | StagedDocument) -> tuple[ParsedDocument, dict[str, Any]]:
+    """Parse a document (as read, or as staged for indexing) into units and positioned images; images
+    it does not hold (missing, rejected) are dropped from the parse but their text stays. Returns the
+    parse and the document's images by link."""
     by_link = {image.link: image for image in document.images}
     if document.pic_images:
         refs = [

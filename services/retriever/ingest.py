@@ -2,6 +2,10 @@
 images and their embeddings in Postgres). Both are plain functions; the CLI stages, the retriever
 worker indexes, and a benchmark can call either in one process.
 
+Indexing is three steps over a batch of staged documents: `prepare` (skip unchanged ones, parse and
+chunk the rest), `embed` (every text of the batch in one call of the model), `write` (documents,
+images and chunks, with their vectors).
+
 Re-ingesting is idempotent: a document whose content hash (text, image bytes, chunker, model) is
 unchanged is left alone; a changed one replaces its old chunks and images in one transaction.
 """
@@ -11,19 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from services.common.contracts import StagedDocument, StagedImage
 from services.common.embedding import Embedder
 from services.common.models import Chunk, Collection, Document, Image
 from services.common.storage import ObjectStore
-from services.common.text import ImageRef
+from services.common.text import ImageRef, ParsedDocument
+from services.retriever.chunking import Chunk as DocumentChunk
 from services.retriever.chunking import chunk_document
 from services.retriever.images import ImageRejected, verify_image
-from services.retriever.importers import LinkedImage, Skipped, SourceDocument, parse_source
+from services.retriever.importers import Skipped, SourceDocument, parse_source
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
 CHUNKER_VERSION = "1"
@@ -53,10 +59,10 @@ def ensure_collection(session: Session, name: str, model: str, dimension: int) -
 
 
 # ------------------------------------------------------------------ staging (CLI side)
-def stage_document(store: ObjectStore, document: SourceDocument) -> tuple[dict[str, Any], list[Skipped]]:
+def stage_document(store: ObjectStore, document: SourceDocument) -> tuple[StagedDocument, list[Skipped]]:
     """Verify each linked image, store its bytes in S3 (once, by sha256), and build the payload the
     worker indexes. A bad image is skipped with its reason; the document still goes in."""
-    images: list[dict[str, Any]] = []
+    images: list[StagedImage] = []
     skipped: list[Skipped] = []
     for linked in document.images:
         where = f"{linked.source_name} (in {document.doc_key})"
@@ -70,27 +76,27 @@ def stage_document(store: ObjectStore, document: SourceDocument) -> tuple[dict[s
             continue
         stored = store.put_content(verified.data, verified.mime_type, prefix="images")
         images.append(
-            {
-                "link": linked.link,
-                "source_name": linked.source_name,
-                "caption": linked.caption,
-                "s3_key": stored.key,
-                "sha256": verified.sha256,
-                "mime_type": verified.mime_type,
-                "width": verified.width,
-                "height": verified.height,
-            }
+            StagedImage(
+                link=linked.link,
+                source_name=linked.source_name,
+                caption=linked.caption,
+                s3_key=stored.key,
+                sha256=verified.sha256,
+                mime_type=verified.mime_type,
+                width=verified.width,
+                height=verified.height,
+            )
         )
-    payload = {
-        "doc_key": document.doc_key,
-        "markdown": document.markdown,
-        "source_path": document.source_path,
-        "title": document.title,
-        "pic_images": document.pic_images,
-        "meta": document.meta,
-        "images": images,
-    }
-    return payload, skipped
+    staged = StagedDocument(
+        doc_key=document.doc_key,
+        markdown=document.markdown,
+        source_path=document.source_path,
+        title=document.title,
+        pic_images=document.pic_images,
+        meta=document.meta,
+        images=images,
+    )
+    return staged, skipped
 
 
 # ------------------------------------------------------------------ indexing (worker side)
@@ -103,14 +109,14 @@ class IndexOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def content_hash(payload: dict[str, Any], model: str) -> str:
+def content_hash(document: StagedDocument, model: str) -> str:
     basis = {
-        "markdown": payload["markdown"],
-        "pic_images": payload.get("pic_images", []),
-        "title": payload.get("title"),
+        "markdown": document.markdown,
+        "pic_images": document.pic_images,
+        "title": document.title,
         "chunker": CHUNKER_VERSION,
         "model": model,
-        "images": sorted((image["link"], image["sha256"], image.get("caption", "")) for image in payload["images"]),
+        "images": sorted((image.link, image.sha256, image.caption) for image in document.images),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
@@ -128,120 +134,145 @@ def describe_image(ref: ImageRef, heading: str) -> str:
     return ". ".join(part.strip() for part in parts if part and part.strip())
 
 
-def index_documents(
-    session: Session, collection: Collection, payloads: list[dict[str, Any]], embedder: Embedder
-) -> list[IndexOutcome]:
-    """Index staged documents into the collection; embeddings are computed in one batch for all."""
-    outcomes: dict[int, IndexOutcome] = {}  # by position in `payloads`, returned in that order
-    work: list[tuple[int, dict[str, Any], str, Any, list, dict[str, dict]]] = []
-    for position, payload in enumerate(payloads):
-        digest = content_hash(payload, collection.embedding_model)
+@dataclass
+class PreparedDocument:
+    """A staged document that changed, parsed and chunked; `embed` fills in its vectors."""
+
+    position: int  # in the batch
+    document: StagedDocument
+    digest: str
+    parsed: ParsedDocument
+    chunks: list[DocumentChunk]
+    chunk_vectors: list[np.ndarray] = field(default_factory=list)
+    image_vectors: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def title(self) -> str | None:
+        return self.document.title or self.parsed.title
+
+    def texts(self) -> tuple[list[str], list[str]]:
+        """What is embedded: each chunk (under the document's title), and each image's description."""
+        title = self.title
+        chunk_texts = [
+            chunk.text if not title or chunk.text.startswith(title) else f"{title}\n{chunk.text}"
+            for chunk in self.chunks
+        ]
+        heading_of_image = {index: chunk.heading for chunk in self.chunks for index in chunk.image_indexes}
+        image_texts = [
+            describe_image(ref, heading_of_image.get(index) or title or "")
+            for index, ref in enumerate(self.parsed.images)
+        ]
+        return chunk_texts, image_texts
+
+
+def prepare(
+    session: Session, collection: Collection, documents: list[StagedDocument]
+) -> tuple[list[PreparedDocument], dict[int, IndexOutcome]]:
+    """The documents that changed, parsed and chunked; and the outcomes of those left as they are."""
+    prepared: list[PreparedDocument] = []
+    unchanged: dict[int, IndexOutcome] = {}
+    for position, document in enumerate(documents):
+        digest = content_hash(document, collection.embedding_model)
         existing = session.execute(
-            select(Document).where(Document.collection_id == collection.id, Document.doc_key == payload["doc_key"])
+            select(Document.content_sha256).where(
+                Document.collection_id == collection.id, Document.doc_key == document.doc_key
+            )
         ).scalar_one_or_none()
-        if existing is not None and existing.content_sha256 == digest:
-            outcomes[position] = IndexOutcome(payload["doc_key"], "unchanged")
+        if existing == digest:
+            unchanged[position] = IndexOutcome(document.doc_key, "unchanged")
             continue
-        source = SourceDocument(
-            doc_key=payload["doc_key"],
-            markdown=payload["markdown"],
-            source_path=payload["source_path"],
-            title=payload.get("title"),
-            pic_images=payload.get("pic_images") or [],
-            images=[
-                LinkedImage(link=i["link"], source_name=i["source_name"], path=None, caption=i.get("caption", ""))
-                for i in payload["images"]
-            ],
-        )
-        parsed, _ = parse_source(source)
-        chunks = chunk_document(parsed)
-        stored_by_link = {image["link"]: image for image in payload["images"]}
-        work.append((position, payload, digest, parsed, chunks, stored_by_link))
+        parsed, _ = parse_source(document)
+        prepared.append(PreparedDocument(position, document, digest, parsed, chunk_document(parsed)))
+    return prepared, unchanged
 
+
+def embed(prepared: list[PreparedDocument], embedder: Embedder) -> None:
+    """Every text of the batch in one call of the model; each document gets its vectors."""
+    spans: list[tuple[PreparedDocument, int, int]] = []
     texts: list[str] = []
-    for _, payload, _, parsed, chunks, _ in work:
-        title = payload.get("title") or parsed.title
-        for chunk in chunks:
-            texts.append(chunk.text if not title or chunk.text.startswith(title) else f"{title}\n{chunk.text}")
-        heading_of_image = {index: chunk.heading for chunk in chunks for index in chunk.image_indexes}
-        for index, ref in enumerate(parsed.images):
-            texts.append(describe_image(ref, heading_of_image.get(index) or title or ""))
+    for entry in prepared:
+        chunk_texts, image_texts = entry.texts()
+        spans.append((entry, len(chunk_texts), len(image_texts)))
+        texts += chunk_texts + image_texts
     vectors = embedder.encode(texts) if texts else []
-
     cursor = 0
-    for position, payload, digest, parsed, chunks, stored_by_link in work:
-        title = payload.get("title") or parsed.title
-        document_id = session.execute(
-            insert(Document)
-            .values(
-                collection_id=collection.id,
-                doc_key=payload["doc_key"],
-                title=title,
-                source_path=payload["source_path"],
-                content_sha256=digest,
-                text=parsed.text,
-                meta=payload.get("meta") or {},
-            )
-            .on_conflict_do_update(
-                index_elements=["collection_id", "doc_key"],
-                set_={
-                    "title": title,
-                    "source_path": payload["source_path"],
-                    "content_sha256": digest,
-                    "text": parsed.text,
-                    "meta": payload.get("meta") or {},
-                    "updated_at": func.now(),
-                },
-            )
-            .returning(Document.id)
-        ).scalar_one()
-        session.execute(delete(Chunk).where(Chunk.document_id == document_id))
-        session.execute(delete(Image).where(Image.document_id == document_id))
-        chunk_vectors = vectors[cursor : cursor + len(chunks)]
-        cursor += len(chunks)
-        image_vectors = vectors[cursor : cursor + len(parsed.images)]
-        cursor += len(parsed.images)
-        image_ids: list[int] = []
-        for ref, vector in zip(parsed.images, image_vectors, strict=True):
-            stored = stored_by_link[ref.source]
-            image_ids.append(
-                session.execute(
-                    insert(Image)
-                    .values(
-                        collection_id=collection.id,
-                        document_id=document_id,
-                        source_name=stored["source_name"],
-                        sha256=stored["sha256"],
-                        s3_key=stored["s3_key"],
-                        mime_type=stored["mime_type"],
-                        width=stored["width"],
-                        height=stored["height"],
-                        alt_text=ref.alt or None,
-                        caption=ref.caption or None,
-                        context_before=ref.context_before or None,
-                        context_after=ref.context_after or None,
-                        position=ref.position,
-                        embedding=vector.tolist(),
-                        embedding_dim=collection.embedding_dim,
-                    )
-                    .on_conflict_do_nothing(index_elements=["document_id", "source_name", "position"])
-                    .returning(Image.id)
-                ).scalar()
-                or 0
-            )
-        for chunk, vector in zip(chunks, chunk_vectors, strict=True):
-            session.add(
-                Chunk(
-                    document_id=document_id,
+    for entry, chunk_count, image_count in spans:
+        entry.chunk_vectors = list(vectors[cursor : cursor + chunk_count])
+        entry.image_vectors = list(vectors[cursor + chunk_count : cursor + chunk_count + image_count])
+        cursor += chunk_count + image_count
+
+
+def write(session: Session, collection: Collection, entry: PreparedDocument) -> IndexOutcome:
+    """The document row (upserted by key), and its images and chunks in place of the old ones."""
+    document, parsed, title = entry.document, entry.parsed, entry.title
+    values = {
+        "title": title,
+        "source_path": document.source_path,
+        "content_sha256": entry.digest,
+        "text": parsed.text,
+        "meta": document.meta,
+    }
+    document_id = session.execute(
+        insert(Document)
+        .values(collection_id=collection.id, doc_key=document.doc_key, **values)
+        .on_conflict_do_update(index_elements=["collection_id", "doc_key"], set_={**values, "updated_at": func.now()})
+        .returning(Document.id)
+    ).scalar_one()
+    session.execute(delete(Chunk).where(Chunk.document_id == document_id))
+    session.execute(delete(Image).where(Image.document_id == document_id))
+    stored_by_link = {image.link: image for image in document.images}
+    image_ids: list[int] = []
+    for ref, vector in zip(parsed.images, entry.image_vectors, strict=True):
+        stored = stored_by_link[ref.source]
+        image_ids.append(
+            session.execute(
+                insert(Image)
+                .values(
                     collection_id=collection.id,
-                    ordinal=chunk.ordinal,
-                    heading=chunk.heading or None,
-                    text=chunk.text,
+                    document_id=document_id,
+                    source_name=stored.source_name,
+                    sha256=stored.sha256,
+                    s3_key=stored.s3_key,
+                    mime_type=stored.mime_type,
+                    width=stored.width,
+                    height=stored.height,
+                    alt_text=ref.alt or None,
+                    caption=ref.caption or None,
+                    context_before=ref.context_before or None,
+                    context_after=ref.context_after or None,
+                    position=ref.position,
                     embedding=vector.tolist(),
                     embedding_dim=collection.embedding_dim,
-                    image_ids=[image_ids[i] for i in chunk.image_indexes if image_ids[i]],
                 )
+                .on_conflict_do_nothing(index_elements=["document_id", "source_name", "position"])
+                .returning(Image.id)
+            ).scalar()
+            or 0
+        )
+    for chunk, vector in zip(entry.chunks, entry.chunk_vectors, strict=True):
+        session.add(
+            Chunk(
+                document_id=document_id,
+                collection_id=collection.id,
+                ordinal=chunk.ordinal,
+                heading=chunk.heading or None,
+                text=chunk.text,
+                embedding=vector.tolist(),
+                embedding_dim=collection.embedding_dim,
+                image_ids=[image_ids[i] for i in chunk.image_indexes if image_ids[i]],
             )
-        session.flush()
-        outcomes[position] = IndexOutcome(payload["doc_key"], "ingested", chunks=len(chunks), images=len(parsed.images))
-    return [outcomes[position] for position in range(len(payloads))]
+        )
+    session.flush()
+    return IndexOutcome(document.doc_key, "ingested", chunks=len(entry.chunks), images=len(parsed.images))
+
+
+def index_documents(
+    session: Session, collection: Collection, documents: list[StagedDocument], embedder: Embedder
+) -> list[IndexOutcome]:
+    """Index staged documents into the collection (prepare, embed in one batch, write); the outcomes
+    come back in the documents' order."""
+    prepared, outcomes = prepare(session, collection, documents)
+    embed(prepared, embedder)
+    for entry in prepared:
+        outcomes[entry.position] = write(session, collection, entry)
+    return [outcomes[position] for position in range(len(documents))]

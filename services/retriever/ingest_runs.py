@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.common.contracts import IngestBatch
+from services.common.contracts import IngestBatch, StagedDocument
 from services.common.db import session_scope
 from services.common.embedding import get_embedder
 from services.common.models import Collection, IngestItem, IngestRun
@@ -62,7 +62,7 @@ def stage_run(
         run_id = run.id
     staged = StagedRun(run_id=run_id, documents=0)
     image_warnings: dict[str, list[str]] = {}
-    pending: list[tuple[SourceDocument, dict[str, Any], list[Skipped]]] = []
+    pending: list[tuple[SourceDocument, StagedDocument, list[Skipped]]] = []
     for item in read_corpus(path):
         if isinstance(item, Skipped):
             if item.doc_key is not None:
@@ -89,7 +89,7 @@ def stage_run(
                 doc_key=document.doc_key,
                 what=document.source_path,
                 status="pending",
-                payload=payload,
+                payload=payload.model_dump(mode="json"),
                 warnings=warnings,
             )
             session.add(item)
@@ -176,7 +176,8 @@ def index_items(run_id: uuid.UUID, item_ids: list[int], collection_name: str, em
             return 0
         collection = ensure_collection(session, collection_name, embedder.name, embedder.dimension)
         session.execute(update(IngestRun).where(IngestRun.id == run_id).values(collection_id=collection.id))
-        outcomes = index_documents(session, collection, [item.payload for item in items], embedder)
+        documents = [StagedDocument.model_validate(item.payload) for item in items]
+        outcomes = index_documents(session, collection, documents, embedder)
         for item, outcome in zip(items, outcomes, strict=True):
             item.status = outcome.status
             item.chunks = outcome.chunks
