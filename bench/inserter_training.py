@@ -19,8 +19,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.trainer.core import TrainConfig, TrainingHooks, evaluate_model, evaluate_rule, train_inserter
+from services.trainer.core import TrainConfig, TrainingHooks, train_inserter
 from services.trainer.data import build_examples
+from services.trainer.evaluation import evaluate_model, evaluate_rule
 
 
 class Log(TrainingHooks):

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from services.common.db import session_scope
 from services.common.models import RegisteredModel, TrainingRun, TrainingStep
 from services.common.storage import get_store
-from services.trainer import core, data, rewards
+from services.trainer import core, data, evaluation, rewards
 from services.trainer.rewards import plan_text
 from tests.conftest import REPO_ROOT
 from tests.corpus_fixtures import write_markdown_corpus
@@ -253,7 +253,7 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
         assert row.kind == "inserter" and row.s3_prefix == f"models/{name}/"
     assert get_store().exists(f"models/{name}/config.json")
 
-    units, candidates = core.example_inputs(example)
+    units, candidates = evaluation.example_inputs(example)
     plan = insert(units, candidates, f"checkpoint:{name}", get_embedder())
     assert plan.fallback_reason is None, plan.raw_output  # the model's own plan parsed
     assert [p.model_dump() for p in plan.placements] == example.gold

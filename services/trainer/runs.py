@@ -303,8 +303,9 @@ def delete_run_steps(run_id: uuid.UUID, phase: str, after_step: int) -> None:
 def execute_run(run_id: uuid.UUID, worker: str, work_root: Path | None = None) -> dict[str, Any]:
     """Claim the run and, if it is ours, train, register and record the end. Never raises for a training error:
     the run is marked failed with the reason and keeps its last checkpoint."""
-    from services.trainer.core import Stopped, evaluate_model, train_inserter
+    from services.trainer.core import Stopped, train_inserter
     from services.trainer.data import build_examples
+    from services.trainer.evaluation import evaluate_model
 
     claim = claim_run(run_id, worker)
     if claim.outcome != "ours":
