@@ -118,7 +118,8 @@ def test_permanent_error_fails_the_query_with_a_readable_message(workers):
     with session_scope() as session:
         query = session.get(Query, probe.query_id)
         assert query.status == "failed"
-        assert query.error.startswith("merger: ObjectMissing")
+        assert query.described_error.startswith("merger: ObjectMissing")
+        assert (query.error_stage, query.error.split(":")[0]) == ("merger", "ObjectMissing")
     # exactly one attempt: a permanent error is not retried
     assert len(stage_runs_of(probe.query_id)) == 1
 
