@@ -1,8 +1,8 @@
-"""`m2io submit | status | export | retry | cancel | eval | demo`: batch jobs from the command line.
+"""`m2io submit | status | export | retry | cancel | eval`: batch jobs from the command line.
 
-Registered on the main `m2io` app by `services.cli`. Everything goes through `services.client`,
-the same client the dashboard uses. Machine-readable results go to stdout (a job id alone on the
-last line, `--json`); progress and tables for people go to stderr or are rich tables.
+Everything goes through `services.client`, the same client the dashboard uses. Machine-readable
+results go to stdout (a job id alone on the last line, `--json`); progress and tables for people go
+to stderr or are rich tables.
 """
 
 from __future__ import annotations
@@ -13,30 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-errors = Console(stderr=True)
-
-STATE_STYLE = {
-    "succeeded": "green",
-    "partial": "yellow",
-    "running": "cyan",
-    "queued": "cyan",
-    "failed": "red",
-    "cancelled": "magenta",
-}
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
-def styled(state: str) -> str:
-    style = STATE_STYLE.get(state, "")
-    return f"[{style}]{state}[/{style}]" if style else state
+from services.cli.ui import console, errors, fail, follow, styled
 
 
 def seconds(value: float | None) -> str:
@@ -52,68 +31,6 @@ InserterOpt = Annotated[
     str | None, typer.Option(help="inserter backend: rule | llm[:model] | checkpoint:<name> (default: workers')")
 ]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="passages retrieved per question")]
-
-
-def follow(client, job_id, stall_timeout: float) -> object:
-    """A live progress bar per stage on stderr until the job ends; returns its final status."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.common.health import online_workers, workers_of
-    from services.common.queues import Stage
-    from services.common.settings import get_settings
-
-    warned: set[str] = set()
-    last_check = [0.0]
-    with Progress(
-        TextColumn("{task.description:>10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[extra]}"),
-        TimeElapsedColumn(),
-        console=errors,
-    ) as progress:
-        bars: dict[str, int] = {}
-
-        def update(status) -> None:
-            runnable = status.total - sum(1 for f in status.failures if f.stage == "input")
-            for stage in status.stages:
-                if stage.stage not in bars:
-                    bars[stage.stage] = progress.add_task(stage.stage, total=runnable, extra="")
-                extra = []
-                if stage.failed:
-                    extra.append(f"[red]{stage.failed} failed[/red]")
-                if stage.lost:
-                    extra.append(f"[yellow]{stage.lost} redelivered[/yellow]")
-                if stage.retrying:
-                    extra.append(f"[yellow]{stage.retrying} retrying[/yellow]")
-                progress.update(bars[stage.stage], completed=stage.succeeded + stage.failed, extra=" ".join(extra))
-            if time.monotonic() - last_check[0] > 15 and not status.done:
-                last_check[0] = time.monotonic()
-                online, _ = online_workers(get_settings().redis_url)
-                for stage in status.stages:
-                    waiting = stage.pending + stage.retrying
-                    if waiting and not workers_of(Stage(stage.stage), online) and stage.stage not in warned:
-                        warned.add(stage.stage)
-                        errors.print(
-                            f"[yellow]no {stage.stage} worker is online; its queries wait in the queue "
-                            f"(`m2io up`, or `m2io worker {stage.stage}`)[/yellow]"
-                        )
-
-        try:
-            return client.wait(job_id, stall_timeout=stall_timeout, on_update=update)
-        except TimeoutError as error:
-            errors.print(f"[red]{error}; the job goes on in the background (`m2io status {job_id}`)[/red]")
-            return client.status(job_id)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(submit)
-    app.command()(status)
-    app.command()(export)
-    app.command()(retry)
-    app.command()(cancel)
-    app.command("eval")(evaluate)
-    app.command()(demo)
 
 
 def submit(
@@ -339,23 +256,3 @@ def evaluate(
     print_eval_tables(reports)
     errors.print(f"report: {out}, plot: {out.with_suffix('.png')}")
     print(out)
-
-
-def demo(
-    corpus: Annotated[
-        Path | None,
-        typer.Option(help="a corpus folder with questions.jsonl (default: the recipes shipped in the repo)"),
-    ] = None,
-    collection: Annotated[str | None, typer.Option(help="collection name (default: demo-<corpus folder>)")] = None,
-    limit: Annotated[int, typer.Option(help="questions to ask (0 = all)")] = 0,
-    out: Annotated[Path, typer.Option(help="where the HTML answers go")] = Path("m2io-demo"),
-    start: Annotated[bool, typer.Option(help="bring the local cluster up first if needed")] = True,
-    stall_timeout: Annotated[float, typer.Option(help="give up after this long without progress")] = 300.0,
-) -> None:
-    """The whole system on embedded defaults: cluster up, ingest a corpus, answer its questions, export, score."""
-    from services.jobs.demo import run_demo
-
-    try:
-        run_demo(corpus=corpus, collection=collection, limit=limit, out=out, start=start, stall_timeout=stall_timeout)
-    except (RuntimeError, ValueError, FileNotFoundError, LookupError) as error:
-        raise fail(str(error)) from error
