@@ -18,29 +18,17 @@ app = typer.Typer(
 )
 app.add_typer(cluster.migrate_app, name="migrate")
 
-app.command()(cluster.up)
-app.command()(cluster.ps)
-app.command()(cluster.down)
-app.command()(cluster.worker)
-app.command()(cluster.smoke)
-
-app.command()(ingest.ingest)
-app.command("ingest-status")(ingest.ingest_status)
-app.command()(ingest.search)
-
-app.command()(jobs.submit)
-app.command()(jobs.status)
-app.command()(jobs.export)
-app.command()(jobs.retry)
-app.command()(jobs.cancel)
-app.command("eval")(jobs.evaluate)
-app.command()(demo.demo)
-
-app.command("train-data")(train.train_data)
-app.command()(train.train)
-app.command("train-status")(train.train_status)
-app.command("train-cancel")(train.train_cancel)
-app.command()(train.models)
+# In `m2io --help` order; a command is named after its function (`ingest_status`: ingest-status).
+COMMANDS = (
+    (cluster.up, cluster.ps, cluster.down, cluster.worker, cluster.smoke),
+    (ingest.ingest, ingest.ingest_status, ingest.search),
+    (jobs.submit, jobs.status, jobs.export, jobs.retry, jobs.cancel, jobs.evaluate, demo.demo),
+    (train.train_data, train.train, train.train_status, train.train_cancel, train.models),
+)
+RENAMED = {jobs.evaluate: "eval"}  # a function named `eval` would shadow the builtin
+for group in COMMANDS:
+    for command in group:
+        app.command(RENAMED.get(command))(command)
 
 if __name__ == "__main__":
     app()
