@@ -247,7 +247,7 @@ def run_in_process(
     from sqlalchemy import select
 
     from services.common.models import Query
-    from services.jobs.core import job_config, submit_job
+    from services.jobs.commands import job_config, submit_job
     from services.jobs.questions import from_records
     from services.jobs.status import job_status
 

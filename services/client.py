@@ -16,8 +16,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -25,14 +26,28 @@ from sqlalchemy.exc import OperationalError
 
 from services.common.contracts import InsertionPlan, JobConfig, Retrieval, TextAnswer
 from services.common.db import session_scope
-from services.common.models import Answer, Collection, Document, Image, Query, StageRun
+from services.common.models import Answer, Collection, Document, Image, IngestItem, Query, StageRun
 from services.common.stage_runs import outputs_of
-from services.jobs import core
-from services.jobs.core import JobError, RetryReport
+from services.jobs import commands
+from services.jobs.commands import JobError, RetryReport
 from services.jobs.questions import QuestionLine, from_records, read_questions
 from services.jobs.status import JobStatus, UnknownJob, job_status, list_jobs, parse_job_id
 
-__all__ = ["Client", "JobConfig", "JobError", "UnknownJob", "JobStatus", "RetryReport", "QueryView", "AnswerView"]
+if TYPE_CHECKING:
+    from services.retriever.ingest_runs import StagedRun
+
+__all__ = [
+    "Client",
+    "JobConfig",
+    "JobError",
+    "UnknownJob",
+    "JobStatus",
+    "RetryReport",
+    "QueryView",
+    "AnswerView",
+    "IngestProgress",
+    "IngestReport",
+]
 
 
 class QueryView(BaseModel):
@@ -67,6 +82,27 @@ class AnswerView(BaseModel):
     metrics: dict[str, Any] | None  # when the question has gold fields
 
 
+@dataclass
+class IngestProgress:
+    """Where an ingest run stands: its items by status (`pending` documents wait for a worker)."""
+
+    run_id: uuid.UUID
+    counts: dict[str, int]
+
+    @property
+    def pending(self) -> int:
+        return self.counts.get("pending", 0)
+
+
+@dataclass
+class IngestReport:
+    """An ingest run: its status and its items (loaded, detached from the session)."""
+
+    run_id: uuid.UUID
+    status: str
+    items: list[IngestItem]
+
+
 class Client:
     def collections(self) -> list[dict[str, Any]]:
         """Every collection with its model and how many documents and images it holds."""
@@ -89,9 +125,17 @@ class Client:
                 for c in session.scalars(select(Collection).order_by(Collection.name))
             ]
 
-    def ingest(self, path: str | Path, collection: str, model: str | None = None) -> uuid.UUID:
+    def start_ingest(
+        self,
+        path: str | Path,
+        collection: str,
+        model: str | None = None,
+        *,
+        on_document: Callable[[str], None] = lambda _: None,
+    ) -> StagedRun:
         """Read a corpus (verify and store its images in S3) and queue its documents for the
-        retriever workers; returns the ingest run id at once (`ingest_runs()` follows it)."""
+        retriever workers; returns the staged run (id, documents, batches) at once. `on_document`
+        is called with each document's key as it is read."""
         from services.common.embedding import DEFAULT_EMBEDDING_MODEL
         from services.common.settings import get_settings
         from services.common.storage import get_store
@@ -101,9 +145,58 @@ class Client:
         check_collection_model(collection, model)
         store = get_store()
         store.ensure_bucket()
-        staged = stage_run(Path(path), collection, model, store)
+        staged = stage_run(Path(path), collection, model, store, on_document=on_document)
         enqueue(staged)
-        return staged.run_id
+        return staged
+
+    def ingest(self, path: str | Path, collection: str, model: str | None = None) -> uuid.UUID:
+        """`start_ingest`, returning only the ingest run id (`wait_ingest()` or `ingest_runs()` follows it)."""
+        return self.start_ingest(path, collection, model).run_id
+
+    def wait_ingest(
+        self,
+        run_id: uuid.UUID,
+        *,
+        stall_timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_update: Callable[[IngestProgress], None] | None = None,
+    ) -> IngestProgress:
+        """Poll until no document of the run is pending. TimeoutError after `stall_timeout` seconds
+        without any document finishing (the run goes on in the workers). The run stays open:
+        `finish_ingest` closes it."""
+        from services.retriever.ingest_runs import item_counts
+
+        last_pending, last_change = None, time.monotonic()
+        while True:
+            progress = IngestProgress(run_id=run_id, counts=dict(item_counts(run_id)))
+            if on_update is not None:
+                on_update(progress)
+            if not progress.pending:
+                return progress
+            if progress.pending != last_pending:
+                last_pending, last_change = progress.pending, time.monotonic()
+            elif stall_timeout is not None and time.monotonic() - last_change > stall_timeout:
+                raise TimeoutError(f"ingest run {run_id}: no progress for {stall_timeout:.0f}s")
+            time.sleep(poll_s)
+
+    def finish_ingest(self, run_id: uuid.UUID) -> str:
+        """Close an ingest run now; returns its status: done, done with failures, or incomplete
+        (documents still pending)."""
+        from services.retriever.ingest_runs import finish_run
+
+        return finish_run(run_id).status
+
+    def ingest_report(self, run_id: uuid.UUID) -> IngestReport:
+        """An ingest run's status and every item (documents and skipped inputs) in order; LookupError
+        when there is no such run."""
+        from services.common.models import IngestRun
+
+        with session_scope() as session:
+            run = session.get(IngestRun, run_id)
+            if run is None:
+                raise LookupError(f"no ingest run {run_id}")
+            items = session.scalars(select(IngestItem).where(IngestItem.run_id == run_id).order_by(IngestItem.id))
+            return IngestReport(run_id=run.id, status=run.status, items=list(items))
 
     def ingest_runs(self, limit: int = 20) -> list[dict[str, Any]]:
         """Recent ingest runs with their item counts; a run whose documents are all done is closed."""
@@ -138,7 +231,7 @@ class Client:
         from services.common.models import Chunk
 
         with session_scope() as session:
-            found = core.check_collection(session, collection)
+            found = commands.check_collection(session, collection)
             chunks = dict(
                 session.execute(
                     select(Chunk.document_id, func.count())
@@ -162,7 +255,7 @@ class Client:
 
     def images(self, collection: str, offset: int = 0, limit: int = 24) -> list[dict[str, Any]]:
         with session_scope() as session:
-            found = core.check_collection(session, collection)
+            found = commands.check_collection(session, collection)
             rows = session.execute(
                 select(Image, Document.doc_key)
                 .join(Document, Document.id == Image.document_id)
@@ -198,7 +291,9 @@ class Client:
 
         `config` is a `JobConfig`, or a collection name with the other options as keywords."""
         if isinstance(config, str):
-            config = core.job_config(config, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates)
+            config = commands.job_config(
+                config, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates
+            )
         elif any(option is not None for option in (generator, inserter, top_k, candidates)):
             raise JobError("give the options in the JobConfig, not beside it")
         if isinstance(questions, str | Path):
@@ -207,7 +302,7 @@ class Client:
         else:
             items = list(questions)
             parsed = items if items and isinstance(items[0], QuestionLine) else from_records(items)
-        return core.submit_job(parsed, config, name=name)
+        return commands.submit_job(parsed, config, name=name)
 
     def status(self, job_id: str | uuid.UUID) -> JobStatus:
         return job_status(job_id)
@@ -258,10 +353,10 @@ class Client:
             time.sleep(poll_s)
 
     def retry(self, job_id: str | uuid.UUID) -> RetryReport:
-        return core.retry_job(job_id)
+        return commands.retry_job(job_id)
 
     def cancel(self, job_id: str | uuid.UUID) -> int:
-        return core.cancel_job(job_id)
+        return commands.cancel_job(job_id)
 
     def export(self, job_id: str | uuid.UUID, out_dir: str | Path):
         from services.jobs.export import export_job

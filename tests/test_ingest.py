@@ -200,8 +200,8 @@ def test_mramg_layout_search_cli_and_retrieve_task(workers, tmp_path):
 def test_retrieval_quality_on_the_recipe_corpus():
     """The real corpus with the default offline model: the bench's aims, held as a floor."""
     from bench.retrieval_quality import score_corpus
+    from services.cli.demo import DEMO_CORPUS  # the copy of ../shared/corpora/recipes shipped in the repo
     from services.common.embedding import DEFAULT_EMBEDDING_MODEL
-    from services.jobs.demo import DEMO_CORPUS  # the copy of ../shared/corpora/recipes shipped in the repo
 
     name = f"recipes-{uuid.uuid4().hex[:8]}"
     ingest_in_process(DEMO_CORPUS, name)

@@ -9,7 +9,7 @@ import pytest
 
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
-from services.jobs import core, export, status
+from services.jobs import commands, export, status
 from services.jobs.questions import MAX_QUESTION_CHARS, from_records, parse_lines, read_questions
 
 pytestmark = pytest.mark.unit
@@ -96,11 +96,11 @@ def test_percentiles_and_backend_checks():
     assert status.percentile([4, 1, 3, 2], 0.5) == 2
     assert status.percentile(list(range(1, 101)), 0.99) == 99
     assert status.percentile([5.0], 0.99) == 5.0
-    core.check_backend("generator", "openai:gpt-4o-mini", GENERATOR_BACKENDS)
-    with pytest.raises(core.JobError, match="unknown inserter backend 'checkpoint'"):
-        core.check_backend("inserter", "checkpoint", INSERTER_BACKENDS)
-    with pytest.raises(core.JobError, match="unknown generator backend 'gpt'"):
-        core.check_backend("generator", "gpt", GENERATOR_BACKENDS)
+    commands.check_backend("generator", "openai:gpt-4o-mini", GENERATOR_BACKENDS)
+    with pytest.raises(commands.JobError, match="unknown inserter backend 'checkpoint'"):
+        commands.check_backend("inserter", "checkpoint", INSERTER_BACKENDS)
+    with pytest.raises(commands.JobError, match="unknown generator backend 'gpt'"):
+        commands.check_backend("generator", "gpt", GENERATOR_BACKENDS)
 
 
 def test_export_doctests():

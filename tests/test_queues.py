@@ -97,7 +97,7 @@ def test_stage_outputs_decode_each_stored_output_as_its_contract():
 
 def test_job_config_is_validated_once_with_readable_errors():
     from services.common.contracts import JobConfig
-    from services.jobs.core import JobError, job_config
+    from services.jobs.commands import JobError, job_config
 
     config = job_config("recipes", inserter="checkpoint:mine", top_k=3)
     assert config == JobConfig(collection="recipes", inserter="checkpoint:mine", top_k=3)

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.views.common import auto_refresh_seconds, client, image_bytes
-from services.jobs.core import JobError
+from services.jobs.commands import JobError
 
 GALLERY_PAGE = 24
 

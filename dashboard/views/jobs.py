@@ -8,7 +8,7 @@ from dashboard.views.common import STATE_ICON, age, auto_refresh_seconds, client
 from services.client import JobError, UnknownJob
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
-from services.jobs.core import job_config
+from services.jobs.commands import job_config
 from services.jobs.questions import parse_lines
 from services.jobs.status import job_status
 

@@ -1,361 +1,236 @@
-"""`m2io submit | status | export | retry | cancel | eval | demo`: batch jobs from the command line.
-
-Registered on the main `m2io` app by `services.cli`. Everything goes through `services.client`,
-the same client the dashboard uses. Machine-readable results go to stdout (a job id alone on the
-last line, `--json`); progress and tables for people go to stderr or are rich tables.
+"""The writes of jobs: submit, retry, cancel, on the job -> query -> stage-run rows. The read model
+(a job's status, computed from those rows) is `services.jobs.status`.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-from typing import Annotated
+import uuid
+from collections.abc import Callable
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select, update
 
-console = Console()
-errors = Console(stderr=True)
-
-STATE_STYLE = {
-    "succeeded": "green",
-    "partial": "yellow",
-    "running": "cyan",
-    "queued": "cyan",
-    "failed": "red",
-    "cancelled": "magenta",
-}
+from services.common.contracts import JobConfig
+from services.common.db import session_scope
+from services.common.models import Collection, Job, Query, StageRun
+from services.common.queues import ANSWER_TASKS, PIPELINE, Stage
+from services.common.settings import get_settings
+from services.common.stage_runs import now
+from services.generator.core import BACKENDS as GENERATOR_BACKENDS
+from services.inserter.core import BACKENDS as INSERTER_BACKENDS
+from services.jobs.questions import QuestionLine
+from services.jobs.status import ENQUEUE_STAGE, INPUT_STAGE, QueryFailure, UnknownJob, parse_job_id
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
+class JobError(ValueError):
+    """A submission that cannot run at all (unknown collection or backend); nothing was stored."""
 
 
-def styled(state: str) -> str:
-    style = STATE_STYLE.get(state, "")
-    return f"[{style}]{state}[/{style}]" if style else state
+class EnqueueError(JobError):
+    """The job is stored but its messages could not be sent (the broker is down): `retry` sends them."""
 
-
-def seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
-
-
-GeneratorOpt = Annotated[
-    str | None, typer.Option(help="generator backend: extractive | local[:model] | openai[:model] (default: workers')")
-]
-InserterOpt = Annotated[
-    str | None, typer.Option(help="inserter backend: rule | llm[:model] | checkpoint:<name> (default: workers')")
-]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="passages retrieved per question")]
-
-
-def follow(client, job_id, stall_timeout: float) -> object:
-    """A live progress bar per stage on stderr until the job ends; returns its final status."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from services.common.health import online_workers, workers_of
-    from services.common.queues import Stage
-    from services.common.settings import get_settings
-
-    warned: set[str] = set()
-    last_check = [0.0]
-    with Progress(
-        TextColumn("{task.description:>10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[extra]}"),
-        TimeElapsedColumn(),
-        console=errors,
-    ) as progress:
-        bars: dict[str, int] = {}
-
-        def update(status) -> None:
-            runnable = status.total - sum(1 for f in status.failures if f.stage == "input")
-            for stage in status.stages:
-                if stage.stage not in bars:
-                    bars[stage.stage] = progress.add_task(stage.stage, total=runnable, extra="")
-                extra = []
-                if stage.failed:
-                    extra.append(f"[red]{stage.failed} failed[/red]")
-                if stage.lost:
-                    extra.append(f"[yellow]{stage.lost} redelivered[/yellow]")
-                if stage.retrying:
-                    extra.append(f"[yellow]{stage.retrying} retrying[/yellow]")
-                progress.update(bars[stage.stage], completed=stage.succeeded + stage.failed, extra=" ".join(extra))
-            if time.monotonic() - last_check[0] > 15 and not status.done:
-                last_check[0] = time.monotonic()
-                online, _ = online_workers(get_settings().redis_url)
-                for stage in status.stages:
-                    waiting = stage.pending + stage.retrying
-                    if waiting and not workers_of(Stage(stage.stage), online) and stage.stage not in warned:
-                        warned.add(stage.stage)
-                        errors.print(
-                            f"[yellow]no {stage.stage} worker is online; its queries wait in the queue "
-                            f"(`m2io up`, or `m2io worker {stage.stage}`)[/yellow]"
-                        )
-
-        try:
-            return client.wait(job_id, stall_timeout=stall_timeout, on_update=update)
-        except TimeoutError as error:
-            errors.print(f"[red]{error}; the job goes on in the background (`m2io status {job_id}`)[/red]")
-            return client.status(job_id)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(submit)
-    app.command()(status)
-    app.command()(export)
-    app.command()(retry)
-    app.command()(cancel)
-    app.command("eval")(evaluate)
-    app.command()(demo)
-
-
-def submit(
-    questions: Annotated[
-        Path, typer.Argument(help="questions .jsonl: `id` and `question` per line, gold fields optional")
-    ],
-    collection: Annotated[str, typer.Option(help="the collection to answer from")],
-    generator: GeneratorOpt = None,
-    inserter: InserterOpt = None,
-    top_k: TopKOpt = None,
-    candidates: Annotated[int | None, typer.Option(help="candidate images offered to the inserter")] = None,
-    name: Annotated[str | None, typer.Option(help="a label for the job (default: the file name)")] = None,
-    wait: Annotated[bool, typer.Option(help="show progress per stage until the job ends")] = False,
-    stall_timeout: Annotated[float, typer.Option(help="with --wait: give up after this long without progress")] = 300.0,
-) -> None:
-    """Submit a batch of questions; prints the job id alone on the last line of stdout."""
-    from services.client import Client, JobError
-    from services.jobs.core import EnqueueError
-
-    client = Client()
-    try:
-        job_id = client.submit(
-            questions, collection, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates, name=name
+    def __init__(self, job_id: uuid.UUID, count: int, error: BaseException):
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} is stored, but {count} queries could not be enqueued ({type(error).__name__}: {error}); "
+            f"they are marked failed: `m2io retry {job_id}` sends them once the broker is back"
         )
-    except EnqueueError as error:
-        errors.print(f"[red]error:[/red] {error}")
-        print(error.job_id)
-        raise typer.Exit(1) from error
-    except (JobError, FileNotFoundError, IsADirectoryError, ValueError) as error:
-        raise fail(str(error)) from error
-    status_now = client.status(job_id)
-    bad = [f for f in status_now.failures if f.stage == "input"]
-    errors.print(f"job {job_id}: {status_now.total} questions queued" + (f", {len(bad)} refused" if bad else ""))
-    for failure in bad[:20]:
-        errors.print(f"[yellow]  {failure.id}: {failure.error}[/yellow]")
-    if len(bad) > 20:
-        errors.print(f"[yellow]  ... and {len(bad) - 20} more (`m2io status {job_id}`)[/yellow]")
-    if wait:
-        final = follow(client, job_id, stall_timeout)
-        errors.print(
-            f"job {job_id}: {styled(final.state)}, {final.counts.get('succeeded', 0)} answered, "
-            f"{final.counts.get('failed', 0)} failed in {final.elapsed_s:.1f}s"
-        )
-    print(job_id)
 
 
-def status(
-    job: Annotated[str | None, typer.Argument(help="a job id (all jobs when omitted)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    limit: Annotated[int, typer.Option(help="jobs listed")] = 30,
-) -> None:
-    """All jobs, or one job: per-stage counts, failures with their messages, timings."""
-    from services.client import Client, UnknownJob
-
-    client = Client()
-    if job is None:
-        jobs = client.jobs(limit=limit)
-        if as_json:
-            print(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
-            return
-        table = Table("job", "name", "collection", "state", "answered", "failed", "total", "age", title="jobs")
-        for entry in jobs:
-            age = time.time() - entry.created_at.timestamp()
-            table.add_row(
-                str(entry.id),
-                entry.name or "",
-                entry.collection or "?",
-                styled(entry.state),
-                str(entry.counts.get("succeeded", 0)),
-                str(entry.counts.get("failed", 0)),
-                str(entry.total),
-                f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.1f} h",
-            )
-        console.print(table)
+def check_backend(kind: str, backend: str | None, known: tuple[str, ...]) -> None:
+    if backend is None:
         return
+    prefix, _, spec = backend.partition(":")
+    if prefix not in known or (prefix == "checkpoint" and not spec):
+        raise JobError(f"unknown {kind} backend {backend!r}; use one of: {', '.join(known)} (checkpoint:<name>)")
+
+
+def check_collection(session, name: str) -> Collection:
+    collection = session.execute(select(Collection).where(Collection.name == name)).scalar_one_or_none()
+    if collection is None:
+        names = session.scalars(select(Collection.name).order_by(Collection.name)).all()
+        known = ", ".join(names) if names else "none yet: run `m2io ingest` first"
+        raise JobError(f"no collection named {name!r} (collections: {known})")
+    return collection
+
+
+def job_config(
+    collection: str,
+    *,
+    generator: str | None = None,
+    inserter: str | None = None,
+    top_k: int | None = None,
+    candidates: int | None = None,
+) -> JobConfig:
+    """A `JobConfig` from a user's options (unset ones keep the contract's defaults), or a JobError that
+    says which option is wrong and what it takes."""
+    if top_k is not None and not 1 <= top_k <= 100:
+        raise JobError(f"top_k={top_k}: use 1..100")
+    if candidates is not None and not 1 <= candidates <= 100:
+        raise JobError(f"candidates={candidates}: use 1..100")
+    given = {"generator": generator, "inserter": inserter, "top_k": top_k, "candidates": candidates}
     try:
-        found = client.status(job)
-    except UnknownJob as error:
-        raise fail(str(error)) from error
-    if as_json:
-        print(json.dumps(found.model_dump(mode="json"), indent=2))
-        return
-    print_status(found)
-    if found.state == "failed":
-        raise typer.Exit(1)
+        return JobConfig(collection=collection, **{key: value for key, value in given.items() if value is not None})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise JobError(f"invalid job options: {problems}") from error
 
 
-def print_status(found) -> None:
-    console.print(
-        f"job {found.id} ({found.name or 'unnamed'}) on {found.collection}: {styled(found.state)} — "
-        f"{found.counts.get('succeeded', 0)}/{found.total} answered, {found.counts.get('failed', 0)} failed, "
-        f"{found.counts.get('cancelled', 0)} cancelled; {found.elapsed_s or 0:.1f}s"
-        + (f", {found.questions_per_s:.2f} questions/s" if found.questions_per_s else "")
-    )
-    table = Table(
-        "stage", "done", "running", "pending", "failed", "redelivered", "p50", "p99", "queue wait p50", title="stages"
-    )
-    for stage in found.stages:
-        table.add_row(
-            stage.stage,
-            str(stage.succeeded),
-            str(stage.running + stage.retrying),
-            str(stage.pending),
-            str(stage.failed),
-            str(stage.lost),
-            seconds(stage.p50_s),
-            seconds(stage.p99_s),
-            seconds(stage.wait_p50_s),
-        )
-    console.print(table)
-    if found.end_to_end_p50_s is not None:
-        console.print(
-            f"end to end per question: p50 {seconds(found.end_to_end_p50_s)}, p99 {seconds(found.end_to_end_p99_s)}"
-        )
-    if found.failures:
-        failures = Table("question", "line", "stage", "error", title=f"failures ({len(found.failures)})")
-        for failure in found.failures[:50]:
-            failures.add_row(failure.id, str(failure.line or ""), failure.stage, failure.error[:300])
-        console.print(failures)
+def validate_config(config: JobConfig) -> JobConfig:
+    """The config as it will run: backends checked against those the stages declare, unset ones filled
+    in from the settings (so every stage reads the same backends)."""
+    settings = get_settings()
+    resolved = config.with_defaults(settings.generator_backend, settings.inserter_backend)
+    check_backend("generator", resolved.generator, GENERATOR_BACKENDS)
+    check_backend("inserter", resolved.inserter, INSERTER_BACKENDS)
+    return resolved
 
 
-def export(
-    job: Annotated[str, typer.Argument(help="the job id")],
-    out: Annotated[Path, typer.Option(help="folder to write <id>.md/.html/.json and index.html into")],
-) -> None:
-    """Write every answer of a job as Markdown, HTML and JSON, with an index.html linking them."""
-    from services.client import Client, UnknownJob
+def submit_job(
+    questions: list[QuestionLine],
+    config: JobConfig,
+    *,
+    name: str | None = None,
+    enqueue: bool = True,
+) -> uuid.UUID:
+    """Store the job and its queries, then enqueue each valid question at the retriever.
 
-    try:
-        result = Client().export(job, out)
-    except UnknownJob as error:
-        raise fail(str(error)) from error
-    for warning in result.warnings:
-        errors.print(f"[yellow]{warning}[/yellow]")
-    errors.print(
-        f"{result.questions} questions ({result.answered} answered), {result.images_written} images -> {result.out_dir}"
-    )
-    print(result.index)
-
-
-def retry(job: Annotated[str, typer.Argument(help="the job id")]) -> None:
-    """Re-run a job's failed (and cancelled) queries from the stage that failed."""
-    from services.client import Client, JobError, UnknownJob
-
-    try:
-        report = Client().retry(job)
-    except (UnknownJob, JobError) as error:
-        raise fail(str(error)) from error
-    total = sum(report.requeued.values())
-    where = ", ".join(f"{n} at {stage}" for stage, n in report.requeued.items()) or "nothing to retry"
-    console.print(f"job {report.job_id}: {total} queries requeued ({where})")
-    for failure in report.not_retryable:
-        errors.print(f"[yellow]not retried, fix the questions file: {failure.id}: {failure.error}[/yellow]")
-
-
-def cancel(job: Annotated[str, typer.Argument(help="the job id")]) -> None:
-    """Cancel a job: its unfinished queries stop after the stage they are in."""
-    from services.client import Client, UnknownJob
-
-    try:
-        count = Client().cancel(job)
-    except UnknownJob as error:
-        raise fail(str(error)) from error
-    console.print(f"job {job}: {count} unfinished queries cancelled (`m2io retry {job}` resumes them)")
-
-
-def print_eval_tables(reports: list[dict]) -> None:
-    from services.jobs.evaluate import ANSWER_METRICS, RETRIEVAL_METRICS
-
-    columns = ANSWER_METRICS + RETRIEVAL_METRICS
-    for collection in sorted({r["collection"] or "?" for r in reports}):
-        table = Table("backends", "job", "scored", "failed", *[c.replace("_", " ") for c in columns], title=collection)
-        for report in (r for r in reports if (r["collection"] or "?") == collection):
-            summary = report["aggregate"]
-            table.add_row(
-                report["backends"],
-                report["job_id"][:8],
-                str(report["scored"]),
-                str(summary.get("failed", 0)),
-                *[f"{summary[c]:.3f}" if summary.get(c) is not None else "-" for c in columns],
+    Lines that are not questions are stored as failed queries with their reason, so that the job
+    shows them; the rest of the batch runs. The config is validated once, here (`validate_config`).
+    """
+    config = validate_config(config)
+    if not questions:
+        raise JobError("no questions to submit")
+    with session_scope() as session:
+        stored = check_collection(session, config.collection)
+        job = Job(kind="answer", name=name, collection_id=stored.id, config=config.model_dump(mode="json"))
+        session.add(job)
+        session.flush()
+        rows = [
+            Query(
+                job_id=job.id,
+                external_id=entry.external_id,
+                question=entry.question,
+                line=entry.line,
+                collection=entry.collection,
+                gold=entry.gold,
+                status="failed" if entry.error else "queued",
+                error=entry.error,
+                error_stage=INPUT_STAGE if entry.error else None,
             )
-        console.print(table)
+            for entry in questions
+        ]
+        session.add_all(rows)
+        session.flush()
+        job_id = job.id
+        runnable = [row.id for row in rows if row.status == "queued"]
+    if enqueue:
+        send_or_mark_failed(job_id, [(query_id, Stage.RETRIEVER) for query_id in runnable])
+    return job_id
 
 
-def evaluate(
-    questions: Annotated[
-        Path | None, typer.Argument(help="questions .jsonl with gold fields (omit with --job)")
-    ] = None,
-    collection: Annotated[str | None, typer.Option(help="the collection to answer from")] = None,
-    generator: Annotated[list[str] | None, typer.Option(help="generator backend(s); repeat to compare")] = None,
-    inserter: Annotated[list[str] | None, typer.Option(help="inserter backend(s); repeat to compare")] = None,
-    top_k: TopKOpt = None,
-    job: Annotated[list[str] | None, typer.Option(help="score finished job(s) instead of running new ones")] = None,
-    out: Annotated[Path, typer.Option(help="REPORT.json to write (the plot goes next to it as .png)")] = Path(
-        "m2io-eval.json"
-    ),
-    stall_timeout: Annotated[float, typer.Option(help="give up waiting after this long without progress")] = 600.0,
+def send_or_mark_failed(
+    job_id: uuid.UUID,
+    entries: list[tuple[uuid.UUID, Stage]],
+    enqueue: Callable[[list[tuple[uuid.UUID, Stage]]], None] | None = None,
 ) -> None:
-    """Score answers against the gold fields: a job per backend pair, or finished jobs (--job)."""
-    from services.client import Client, JobError, UnknownJob
-
-    client = Client()
-    job_ids: list[str] = list(job or [])
-    if not job_ids:
-        if questions is None or collection is None:
-            raise fail("give QUESTIONS.jsonl and --collection, or --job JOB")
-        for gen in generator or [None]:
-            for ins in inserter or [None]:
-                try:
-                    job_id = client.submit(questions, collection, generator=gen, inserter=ins, top_k=top_k)
-                except (JobError, FileNotFoundError, IsADirectoryError, ValueError) as error:
-                    raise fail(str(error)) from error
-                errors.print(f"job {job_id}: generator {gen or 'default'}, inserter {ins or 'default'}")
-                job_ids.append(str(job_id))
-        for job_id in job_ids:
-            final = follow(client, job_id, stall_timeout)
-            if not final.done:
-                raise fail(f"job {job_id} did not finish; score it later with `m2io eval --job {job_id}`")
+    """Enqueue; if the broker cannot be reached, no query may be left `queued` with no message
+    (it would wait forever): they are marked failed, retryable, and EnqueueError says so."""
     try:
-        reports = client.evaluate(job_ids, out)
-    except UnknownJob as error:
-        raise fail(str(error)) from error
-    print_eval_tables(reports)
-    errors.print(f"report: {out}, plot: {out.with_suffix('.png')}")
-    print(out)
+        (enqueue or enqueue_queries)(entries)
+    except Exception as error:
+        from kombu.exceptions import OperationalError as BrokerError
+
+        if not isinstance(error, BrokerError | ConnectionError | OSError):
+            raise
+        message = f"could not reach the broker ({type(error).__name__}: {error})"
+        with session_scope() as session:
+            session.execute(
+                update(Query)
+                .where(Query.id.in_([query_id for query_id, _ in entries]), Query.status == "queued")
+                .values(status="failed", error=message[:4000], error_stage=ENQUEUE_STAGE, updated_at=now())
+            )
+        raise EnqueueError(job_id, len(entries), error) from error
 
 
-def demo(
-    corpus: Annotated[
-        Path | None,
-        typer.Option(help="a corpus folder with questions.jsonl (default: the recipes shipped in the repo)"),
-    ] = None,
-    collection: Annotated[str | None, typer.Option(help="collection name (default: demo-<corpus folder>)")] = None,
-    limit: Annotated[int, typer.Option(help="questions to ask (0 = all)")] = 0,
-    out: Annotated[Path, typer.Option(help="where the HTML answers go")] = Path("m2io-demo"),
-    start: Annotated[bool, typer.Option(help="bring the local cluster up first if needed")] = True,
-    stall_timeout: Annotated[float, typer.Option(help="give up after this long without progress")] = 300.0,
-) -> None:
-    """The whole system on embedded defaults: cluster up, ingest a corpus, answer its questions, export, score."""
-    from services.jobs.demo import run_demo
+def enqueue_queries(entries: list[tuple[uuid.UUID, Stage]]) -> None:
+    """One message per query, to the task of the stage it (re)starts at, over one broker connection."""
+    from services.common.celery_app import app
 
-    try:
-        run_demo(corpus=corpus, collection=collection, limit=limit, out=out, start=start, stall_timeout=stall_timeout)
-    except (RuntimeError, ValueError, FileNotFoundError, LookupError) as error:
-        raise fail(str(error)) from error
+    if not entries:
+        return
+    with app.producer_or_acquire() as producer:
+        for query_id, stage in entries:
+            app.send_task(ANSWER_TASKS[stage], args=[{"query_id": str(query_id)}], producer=producer)
+
+
+class RetryReport(BaseModel):
+    job_id: uuid.UUID
+    requeued: dict[str, int]  # stage -> queries re-entering there
+    not_retryable: list[QueryFailure]  # input errors: fix the questions file and submit again
+
+
+def resume_stage(succeeded: set[str]) -> Stage:
+    return next(stage for stage in PIPELINE if stage.value not in succeeded)
+
+
+def retry_job(job_id: str | uuid.UUID) -> RetryReport:
+    """Re-run the failed (and cancelled) queries of a job, each from the first stage that has not
+    succeeded for it: the stage that failed. Earlier stages' outputs are kept. A cancelled job is
+    resumed. Queries whose line was not a question cannot be retried."""
+    job_id = parse_job_id(job_id)
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        queries = session.scalars(
+            select(Query).where(Query.job_id == job_id, Query.status.in_(("failed", "cancelled")))
+        ).all()
+        succeeded: dict[uuid.UUID, set[str]] = {}
+        for query_id, stage in session.execute(
+            select(StageRun.query_id, StageRun.stage)
+            .join(Query, Query.id == StageRun.query_id)
+            .where(Query.job_id == job_id, StageRun.status == "succeeded")
+        ):
+            succeeded.setdefault(query_id, set()).add(stage)
+        entries: list[tuple[uuid.UUID, Stage]] = []
+        not_retryable: list[QueryFailure] = []
+        for query in queries:
+            if query.status == "failed" and query.error_stage == INPUT_STAGE:
+                not_retryable.append(
+                    QueryFailure(
+                        query_id=query.id, id=query.external_id, stage=INPUT_STAGE, error=query.error, line=query.line
+                    )
+                )
+                continue
+            done = succeeded.get(query.id, set())
+            if len(done) == len(PIPELINE):  # answered before the cancel landed
+                query.status = "succeeded"
+                continue
+            query.status, query.error, query.error_stage = "queued", None, None
+            entries.append((query.id, resume_stage(done)))
+        job.cancelled_at = None
+        job.finished_at = None
+    send_or_mark_failed(job_id, entries)
+    requeued: dict[str, int] = {}
+    for _, stage in entries:
+        requeued[stage.value] = requeued.get(stage.value, 0) + 1
+    return RetryReport(job_id=job_id, requeued=requeued, not_retryable=not_retryable)
+
+
+def cancel_job(job_id: str | uuid.UUID) -> int:
+    """Cancel what has not finished: queued and running queries become `cancelled` and their next
+    stage does not run (a stage already running finishes its own step). Returns how many."""
+    job_id = parse_job_id(job_id)
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        if job.cancelled_at is None:
+            job.cancelled_at = now()
+        result = session.execute(
+            update(Query)
+            .where(Query.job_id == job_id, Query.status.in_(("queued", "running")))
+            .values(status="cancelled", error="cancelled by the user", updated_at=now())
+        )
+        return result.rowcount or 0

@@ -2,7 +2,7 @@
 is asked for (DESIGN.md: nothing is inferred from logs). A query is `queued` until a stage starts it,
 `running` while stages run, then `succeeded` (the merger stored its answer), `failed` (a stage failed
 permanently, its message could not be sent, or its line in the questions file was not a question) or
-`cancelled`. The writes (submit, retry, cancel) are `services.jobs.core`.
+`cancelled`. The writes (submit, retry, cancel) are `services.jobs.commands`.
 """
 
 from __future__ import annotations

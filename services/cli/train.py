@@ -1,7 +1,4 @@
-"""`m2io train-data | train | train-status | train-cancel | models`: the trainer from the command line.
-
-Registered on the main `m2io` app by `services.cli`.
-"""
+"""`m2io train-data | train | train-status | train-cancel | models`: the trainer from the command line."""
 
 from __future__ import annotations
 
@@ -12,21 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from services.jobs.commands import fail, styled
-
-console = Console()
-errors = Console(stderr=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train-data")(train_data)
-    app.command()(train)
-    app.command("train-status")(train_status)
-    app.command("train-cancel")(train_cancel)
-    app.command()(models)
+from services.cli.ui import console, errors, fail, styled
 
 
 def parse_run_id(text: str) -> uuid.UUID:

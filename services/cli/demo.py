@@ -9,15 +9,33 @@ metrics against the gold answers, and time per stage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from rich.console import Console
+import typer
 from rich.table import Table
+
+from services.cli.ui import console, errors, fail, follow, ingest_corpus, local_cluster, styled
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = REPO_ROOT / "infra" / "demo" / "recipes"
 
-console = Console()
-errors = Console(stderr=True)
+
+def demo(
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="a corpus folder with questions.jsonl (default: the recipes shipped in the repo)"),
+    ] = None,
+    collection: Annotated[str | None, typer.Option(help="collection name (default: demo-<corpus folder>)")] = None,
+    limit: Annotated[int, typer.Option(help="questions to ask (0 = all)")] = 0,
+    out: Annotated[Path, typer.Option(help="where the HTML answers go")] = Path("m2io-demo"),
+    start: Annotated[bool, typer.Option(help="bring the local cluster up first if needed")] = True,
+    stall_timeout: Annotated[float, typer.Option(help="give up after this long without progress")] = 300.0,
+) -> None:
+    """The whole system on embedded defaults: cluster up, ingest a corpus, answer its questions, export, score."""
+    try:
+        run_demo(corpus=corpus, collection=collection, limit=limit, out=out, start=start, stall_timeout=stall_timeout)
+    except (RuntimeError, ValueError, FileNotFoundError, LookupError) as error:
+        raise fail(str(error)) from error
 
 
 def run_demo(
@@ -29,11 +47,8 @@ def run_demo(
     start: bool = True,
     stall_timeout: float = 300.0,
 ) -> dict:
-    from services.cli import cluster, ingest
     from services.client import Client
     from services.common.settings import get_settings
-    from services.jobs.commands import follow, styled
-    from services.jobs.evaluate import score_job
     from services.jobs.questions import read_questions
 
     corpus = Path(corpus or DEMO_CORPUS)
@@ -43,15 +58,15 @@ def run_demo(
     collection = collection or f"demo-{corpus.name}"
     if start:
         errors.rule("1. local cluster")
-        cluster().up(echo=errors.print)
+        local_cluster().up(echo=errors.print)
         get_settings.cache_clear()  # `up` may just have written the cluster's URLs
     errors.rule(f"2. ingest {corpus} into {collection!r}")
-    ingest(path=corpus, collection=collection, model=None, wait=True, timeout=stall_timeout)
+    client = Client()
+    ingest_corpus(client, corpus, collection, None, wait=True, timeout=stall_timeout)
     questions = read_questions(questions_file)
     if limit:
         questions = questions[:limit]
     errors.rule(f"3. answer {len(questions)} questions")
-    client = Client()
     job_id = client.submit(questions, collection, name=f"demo: {corpus.name}")
     errors.print(f"job {job_id}")
     final = follow(client, job_id, stall_timeout)
@@ -60,7 +75,7 @@ def run_demo(
     for warning in exported.warnings:
         errors.print(f"[yellow]{warning}[/yellow]")
     errors.rule("5. summary")
-    report = score_job(job_id)
+    report = client.evaluate([job_id])[0]
     summary = report["aggregate"]
     table = Table("", "value", title=f"demo job {job_id}: {final.state}")
     table.add_row("questions", str(final.total))
