@@ -5,6 +5,7 @@ common). Imports inside functions count: they are how a circle hides."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def floor(module: str) -> int:
     """Higher floors may import lower ones, never the reverse."""
     parts = module.split(".")
-    if parts[0] == "dashboard" or module.startswith("services.cli"):
+    if parts[0] == "dashboard" or parts[:2] == ["services", "cli"]:
         return 5
     if module == "services.client":
         return 4
@@ -118,3 +119,23 @@ def test_the_graph_sees_real_imports():
     assert "services.common.contracts" in graph["services.common.queues"]
     assert "services.jobs.commands" in graph["services.client"]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+CLI_SHARED = {"services.cli.ui"}  # what every command module may import from the CLI
+CLI_REGISTRY = {"services.cli", "services.cli.app", "services.cli.__main__"}  # gather the commands
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "services" / "cli").glob("*.py")))
+def test_every_cli_module_imports(name):
+    importlib.import_module(f"services.cli.{name}" if name != "__init__" else "services.cli")
+
+
+def test_cli_command_modules_import_only_ui_and_the_library():
+    graph = import_graph()
+    cli = {module for module in graph if module.split(".")[:2] == ["services", "cli"]}
+    commands = cli - CLI_SHARED - CLI_REGISTRY
+    assert {f"services.cli.{name}" for name in ("cluster", "ingest", "jobs", "train", "demo")} <= commands
+    for module in sorted(commands | CLI_SHARED):
+        others = graph[module] & (cli - CLI_SHARED)
+        assert not others, f"{module} imports {sorted(others)}: share through ui or the library"
+    assert not graph["services.cli.ui"] & cli, "ui is the floor every command stands on"
