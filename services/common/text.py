@@ -11,17 +11,22 @@ Shared by the retriever (indexing), the generator and inserter (answers), the tr
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass
 
 CONTEXT_CHARS = 300  # text kept on each side of an image as its context
 
-HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+# Every pattern here runs on text from documents and gold answers, so each is linear in its input:
+# no two quantifiers compete for the same characters, and a scan that fails is not started again
+# from every later position (tests/test_text_linear.py, bench/text_parsing.py). The heading and
+# image syntax are read by hand (`heading_of`, `markdown_images`) for that reason.
 LIST_ITEM = re.compile(r"^(\s*)([-*+]|\d{1,3}[.)])\s+(.*)$")
 FENCE = re.compile(r"^\s*(```|~~~)")
-# ![alt](target "title") ; the target may be wrapped in <>.
-MD_IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\(\s*<?(?P<src>[^)\s>]+)>?(?:\s+\"(?P<title>[^\"]*)\")?\s*\)")
-HTML_IMAGE = re.compile(r"<img\s[^>]*>", re.IGNORECASE)
-HTML_ATTR = re.compile(r"(\w+)\s*=\s*(\"[^\"]*\"|'[^']*')")
+# ![alt](target "title"); the target may be wrapped in <>. After the `](`, read by `markdown_images`:
+IMAGE_TARGET = re.compile(r"\s*+<?(?P<src>[^)\s>]++)")
+IMAGE_END = re.compile(r">?+(?:\s++\"(?P<title>[^\"]*+)\")?+\s*+\)")
+HTML_IMAGE_START = re.compile(r"<img\s", re.IGNORECASE)
+HTML_ATTR = re.compile(r"(?<!\w)(\w++)\s*+=\s*+(\"[^\"]*+\"|'[^']*+')")
 PIC_MARKER = "<PIC>"
 
 # Abbreviations after which a period does not end a sentence.
@@ -94,8 +99,10 @@ def split_sentences(paragraph: str) -> list[str]:
     pieces: list[str] = []
     start = 0
     for match in SENTENCE_END.finditer(text):
-        candidate = text[start : match.start()].strip()
-        last_word = candidate.rsplit(" ", 1)[-1].rstrip(".!?\"')]").lower()
+        # the last word before the break, read without copying the sentence so far (an abbreviation
+        # keeps `start` where it is, and a copy per match would make a paragraph of them quadratic)
+        end = match.start()
+        last_word = text[max(start, text.rfind(" ", start, end) + 1) : end].rstrip(".!?\"')]").lower()
         if last_word in ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha()):
             continue
         pieces.append(text[start : match.end()].strip())
@@ -106,30 +113,80 @@ def split_sentences(paragraph: str) -> list[str]:
     return pieces
 
 
+def heading_of(line: str) -> tuple[int, str] | None:
+    """An ATX heading's level and text (`## Title ##` -> (2, "Title")), or None: what
+    `^(#{1,6})\\s+(.*?)\\s*#*\\s*$` matched, read in one pass (that pattern is cubic in a run of spaces)."""
+    level = len(line) - len(line.lstrip("#"))
+    if not 1 <= level <= 6 or not line[level : level + 1].isspace():
+        return None
+    return level, line[level:].rstrip().rstrip("#").strip()
+
+
+def markdown_images(line: str) -> list[tuple[int, int, ImageRef]]:
+    """The Markdown images of a line as (start, end, ref), leftmost first, as `re.finditer` would find
+    `!\\[([^\\]]*)\\]\\(\\s*<?([^)\\s>]+)>?(?:\\s+"([^"]*)")?\\s*\\)` — in linear time.
+
+    The alt text holds no `]`, so every `![` between two `]` ends at the second one: each `]` is tried
+    once, from the leftmost `![` before it. A target that failed leaves the run of target characters it
+    read; a later try starting inside that run reaches the same end and fails the same way.
+    """
+    found: list[tuple[int, int, ImageRef]] = []
+    low = 0  # no image starts before this
+    failed_run_end = -1  # a target starting before this fails (it ends where a failed one ended)
+    close = line.find("]")
+    while close != -1:
+        start = line.find("![", low, close) if close >= low and line.startswith("(", close + 1) else -1
+        end = -1
+        if start != -1 and close + 2 >= failed_run_end:
+            target = IMAGE_TARGET.match(line, close + 2)
+            rest = IMAGE_END.match(line, target.end()) if target else None
+            if rest:
+                end = rest.end()
+                title = (rest["title"] or "").strip()
+                found.append(
+                    (start, end, ImageRef(source=target["src"], alt=line[start + 2 : close].strip(), title=title))
+                )
+            elif target:
+                failed_run_end = target.end()
+        low = end if end != -1 else close + 1
+        close = line.find("]", low)
+    return found
+
+
+def html_images(line: str) -> list[tuple[int, int, ImageRef | None]]:
+    """The `<img ...>` tags of a line as (start, end, ref); ref is None for a tag without `src`."""
+    found: list[tuple[int, int, ImageRef | None]] = []
+    position = 0
+    while (start := HTML_IMAGE_START.search(line, position)) is not None:
+        end = line.find(">", start.end())
+        if end == -1:  # no tag closes after this one: none of the later ones closes either
+            break
+        tag = line[start.start() : end + 1]
+        attrs = {key.lower(): value[1:-1] for key, value in HTML_ATTR.findall(tag)}
+        ref = None
+        if "src" in attrs:
+            ref = ImageRef(source=attrs["src"], alt=attrs.get("alt", "").strip(), title=attrs.get("title", "").strip())
+        found.append((start.start(), end + 1, ref))
+        position = end + 1
+    return found
+
+
+def without_spans(line: str, spans: list[tuple[int, int, object]]) -> str:
+    """The line with each (start, end) span replaced by one space."""
+    pieces, position = [], 0
+    for start, end, _ in spans:
+        pieces += [line[position:start], " "]
+        position = end
+    return "".join(pieces) + line[position:]
+
+
 def image_refs_in(line: str) -> tuple[str, list[ImageRef]]:
     """The line without its images, and the images it held (Markdown and HTML `<img>`)."""
-    found: list[tuple[int, ImageRef]] = []
-    for match in MD_IMAGE.finditer(line):
-        found.append(
-            (
-                match.start(),
-                ImageRef(source=match["src"], alt=match["alt"].strip(), title=(match["title"] or "").strip()),
-            )
-        )
-    for match in HTML_IMAGE.finditer(line):
-        attrs = {key.lower(): value[1:-1] for key, value in HTML_ATTR.findall(match.group(0))}
-        if "src" in attrs:
-            found.append(
-                (
-                    match.start(),
-                    ImageRef(
-                        source=attrs["src"],
-                        alt=attrs.get("alt", "").strip(),
-                        title=attrs.get("title", "").strip(),
-                    ),
-                )
-            )
-    stripped = HTML_IMAGE.sub(" ", MD_IMAGE.sub(" ", line))
+    markdown = markdown_images(line)
+    found = [(start, ref) for start, _, ref in markdown]
+    found += [(start, ref) for start, _, ref in html_images(line) if ref is not None]
+    without_markdown = without_spans(line, markdown)
+    stripped = without_spans(without_markdown, html_images(without_markdown))
     return stripped, [ref for _, ref in sorted(found, key=lambda pair: pair[0])]
 
 
@@ -142,7 +199,7 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
     images: list[ImageRef] = []
     headings: list[tuple[int, str]] = []
     paragraph: list[str] = []
-    pending_pics = list(pic_images or [])
+    pending_pics = deque(pic_images or [])
     title = None
 
     def path() -> tuple[str, ...]:
@@ -182,7 +239,7 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
                     paragraph.append(segment.strip())
                 if number < len(segments) - 1:
                     if pending_pics:
-                        place(pending_pics.pop(0))
+                        place(pending_pics.popleft())
                     # a marker without an image is dropped: nothing to show there
             continue
         stripped, refs = image_refs_in(line)
@@ -193,10 +250,10 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
         if not line.strip():
             flush_paragraph()
             continue
-        heading = HEADING.match(line)
+        heading = heading_of(line)
         if heading:
             flush_paragraph()
-            level, text = len(heading[1]), heading[2].strip()
+            level, text = heading
             headings[:] = [(lvl, txt) for lvl, txt in headings if lvl < level] + [(level, text)]
             if title is None and level == 1:
                 title = text
@@ -222,7 +279,7 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
             while index < len(lines) and lines[index].strip():
                 nxt = lines[index]
                 nested = LIST_ITEM.match(nxt)
-                if nested or HEADING.match(nxt) or FENCE.match(nxt):
+                if nested or heading_of(nxt) or FENCE.match(nxt):
                     break
                 if len(nxt) - len(nxt.lstrip()) <= indent and not nxt.startswith(" "):
                     break
@@ -254,8 +311,10 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
 
 def add_context(units: list[Unit], images: list[ImageRef]) -> None:
     for ref in images:
-        before = " ".join(unit.text for unit in units[max(0, ref.position - 3) : ref.position])
-        after = " ".join(unit.text for unit in units[ref.position : ref.position + 3])
+        # each unit cut to the context length first: the same context, and images in a row after one
+        # huge unit do not copy it once each
+        before = " ".join(unit.text[-CONTEXT_CHARS:] for unit in units[max(0, ref.position - 3) : ref.position])
+        after = " ".join(unit.text[:CONTEXT_CHARS] for unit in units[ref.position : ref.position + 3])
         ref.context_before = before[-CONTEXT_CHARS:]
         ref.context_after = after[:CONTEXT_CHARS]
         if not ref.caption:
