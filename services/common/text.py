@@ -91,6 +91,36 @@ class ParsedDocument:
         return "\n".join(unit.text for unit in self.units)
 
 
+def unstorable(value: object) -> str | None:
+    """Why a text, or a JSON value holding texts, cannot go into Postgres as it is (a NUL character,
+    which no text column takes, or a lone surrogate, which is not UTF-8); None when it can."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple):
+            stack += item
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return f"contains a NUL character (at character {item.index(chr(0))})"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                return f"holds a character that is not UTF-8 (a lone surrogate at character {error.start})"
+    return None
+
+
+def printable(text: str) -> str:
+    """A name or message safe to store and show: bytes of a file name that are not UTF-8 as `\\xff`, NUL
+    as `\\x00` (what is reported about a bad input must not fail the way the input did)."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # a file name's bytes, as os.fsdecode kept them
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (a JSON escape)
+        data = text.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
 def split_sentences(paragraph: str) -> list[str]:
     """Split prose at sentence ends, not after common abbreviations or inside decimals."""
     text = " ".join(paragraph.split())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from services.common.storage import sha256_hex
+from services.retriever.importers import over_limit
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 # Pillow's own bomb threshold is ~89 Mpx; a document image never needs more than this.
@@ -40,7 +41,7 @@ def verify_image(data: bytes) -> VerifiedImage:
     if not data:
         raise ImageRejected("empty file")
     if len(data) > MAX_IMAGE_BYTES:
-        raise ImageRejected(f"file is {len(data) / 2**20:.1f} MiB, over the {MAX_IMAGE_BYTES // 2**20} MiB limit")
+        raise ImageRejected(over_limit(len(data), MAX_IMAGE_BYTES))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -8,12 +8,18 @@ Three layouts:
   image files under `IMAGE/images/...`;
 - a single Markdown or HTML file.
 
-Importers never raise on bad input: they yield a `Skipped` with the reason and go on.
+Importers never raise on bad input: they yield a `Skipped` with the reason and go on. Only regular
+files inside the corpus folder are read (a symlink may point elsewhere in it, never out of it; a FIFO
+or device is refused before it is read), hidden folders are not walked, a document over
+`MAX_DOCUMENT_BYTES` is refused (one message's work stays bounded), and a text that Postgres cannot
+store (a NUL character, a name that is not UTF-8) skips its document or line with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +27,40 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from services.common.contracts import StagedDocument
-from services.common.text import ImageRef, ParsedDocument, image_refs_in, parse_markdown
+from services.common.text import ImageRef, ParsedDocument, image_refs_in, parse_markdown, printable, unstorable
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
+# A document is indexed in one message by one worker: 2 MiB (~350k words, ~2,000 chunks) embeds in
+# well under the 300 s visibility timeout on 2 cores (bench/README.md); a bigger one is refused.
+MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
+
+
+class FileRefused(ValueError):
+    """A path that is not read: not a regular file, or over its size limit; the message says which."""
+
+
+def over_limit(size: int, limit: int, what: str = "file") -> str:
+    return f"{what} is {size / 2**20:.1f} MiB, over the {limit / 2**20:g} MiB limit"
+
+
+def read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, read only when it is one and no bigger than `limit` (at most
+    `limit` + 1 bytes are read, so a file growing meanwhile is caught too). Opened non-blocking: a
+    FIFO is refused instead of waiting for a writer. OSError when it cannot be opened."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+            raise FileRefused(f"not a regular file ({kind})")
+        size = os.fstat(descriptor).st_size
+        if limit is not None and size > limit:
+            raise FileRefused(over_limit(size, limit))
+        data = handle.read(-1 if limit is None else limit + 1)
+    if limit is not None and len(data) > limit:
+        raise FileRefused(over_limit(len(data), limit))
+    return data
 
 
 @dataclass
@@ -57,6 +93,8 @@ Item = SourceDocument | Skipped
 
 
 def detect_layout(path: Path) -> str:
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(f"{printable(str(path))}: not a regular file or folder")
     if path.is_file():
         if path.suffix.lower() in MARKDOWN_SUFFIXES | HTML_SUFFIXES:
             return "file"
@@ -73,6 +111,7 @@ def detect_layout(path: Path) -> str:
 def read_corpus(path: Path) -> Iterator[Item]:
     layout = detect_layout(path)
     if layout == "file":
+        path = path.resolve()  # the file named on the command line, wherever a symlink to it points
         yield from read_single_file(path, root=path.parent)
     elif layout == "mramg":
         yield from read_mramg(path)
@@ -83,13 +122,17 @@ def read_corpus(path: Path) -> Iterator[Item]:
 def read_text(path: Path, root: Path) -> str | Skipped:
     name = relative_name(path, root)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, MAX_DOCUMENT_BYTES)
+    except FileRefused as error:
+        return Skipped(name, f"{error} (split it into smaller documents)" if "limit" in str(error) else str(error))
     except OSError as error:
         return Skipped(name, f"cannot read: {error.strerror or error}")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         return Skipped(name, f"invalid UTF-8 at byte {error.start}")
+    if "\x00" in text:  # no text column takes it; in a Markdown file it means a binary or UTF-16 file
+        return Skipped(name, f"{unstorable(text)}: not a text document")
     return text
 
 
@@ -114,6 +157,8 @@ def resolve_image(link: str, document_dir: Path, root: Path) -> Path | str:
             return f"{link} points outside the corpus folder"
         if resolved.is_file():
             return resolved
+        if resolved.exists():
+            return f"{link} is not a regular file"
     return f"missing image file {link}"
 
 
@@ -128,6 +173,8 @@ def link_images(markdown: str, document_dir: Path, root: Path, doc_key: str) -> 
                 continue
             seen.add(ref.source)
             found = resolve_image(ref.source, document_dir, root)
+            if not isinstance(found, str) and unstorable(relative_name(found, root)):
+                found = f"{ref.source} names a file whose name is not UTF-8 ({printable(relative_name(found, root))})"
             if isinstance(found, str):
                 skipped.append(Skipped(f"{ref.source} (in {doc_key})", found, doc_key=doc_key))
             else:
@@ -143,24 +190,102 @@ def empty(markdown: str) -> bool:
 # ------------------------------------------------------------------ Markdown corpus folder
 def read_markdown_folder(root: Path) -> Iterator[Item]:
     meta_by_key: dict[str, dict[str, Any]] = {}
+    meta_line: dict[str, int] = {}
     meta_file = root / "docs.jsonl"
-    if meta_file.exists():
-        for line_number, line in enumerate(meta_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
+    if meta_file.exists() or meta_file.is_symlink():
+        for skipped_or_record in read_metadata(meta_file, root):
+            if isinstance(skipped_or_record, Skipped):
+                yield skipped_or_record
                 continue
-            try:
-                record = json.loads(line)
-                meta_by_key[str(record["doc_id"])] = record
-            except (ValueError, KeyError, TypeError) as error:
-                yield Skipped(f"docs.jsonl line {line_number}", f"malformed metadata line: {error}")
+            line_number, doc_id, record = skipped_or_record
+            if doc_id in meta_by_key:
+                yield Skipped(
+                    f"docs.jsonl line {line_number}", f"doc_id {doc_id!r} again (line {meta_line[doc_id]} kept)"
+                )
+                continue
+            meta_by_key[doc_id], meta_line[doc_id] = record, line_number
     docs_dir = root / "docs" if (root / "docs").is_dir() else root
-    for path in sorted(p for p in docs_dir.rglob("*") if p.suffix.lower() in MARKDOWN_SUFFIXES):
+    keys: dict[str, str] = {}  # document key -> the file that took it
+    for path in corpus_files(docs_dir):
+        if isinstance(path, Skipped):
+            yield path
+            continue
+        name = path.relative_to(root).as_posix()
+        if path.suffix.lower() in HTML_SUFFIXES:
+            yield Skipped(
+                name, "an HTML file in a Markdown corpus is not read (ingest it on its own: m2io ingest FILE)"
+            )
+            continue
+        if path.suffix.lower() not in MARKDOWN_SUFFIXES:
+            continue
+        if unstorable(name):
+            yield Skipped(printable(name), "file name is not valid UTF-8 (rename it)")
+            continue
         if path.name.lower() == "readme.md" and path.parent == docs_dir and "README" not in meta_by_key:
             # the corpus' own README is not one of its documents, unless the metadata lists it
             if path.stem not in meta_by_key:
                 continue
+        if not path.resolve().is_relative_to(root.resolve()):
+            yield Skipped(name, "a symlink pointing outside the corpus folder (only files inside it are read)")
+            continue
         doc_key = path.relative_to(docs_dir).with_suffix("").as_posix()
+        if doc_key in keys:
+            yield Skipped(name, f"same document key {doc_key!r} as {keys[doc_key]} (rename one of them)")
+            continue
+        keys[doc_key] = name
         yield from document_from_markdown_file(path, root, doc_key, meta_by_key.get(doc_key, {}))
+    for doc_id, line_number in meta_line.items():
+        if doc_id not in keys:
+            yield Skipped(f"docs.jsonl line {line_number}", f"no document {doc_id!r} in the corpus")
+
+
+def corpus_files(folder: Path) -> Iterator[Path | Skipped]:
+    """Every file under `folder` in path order; hidden folders (`.git`, `.venv`) are not walked and a
+    symlinked folder is not followed (it is reported)."""
+    files: list[Path] = []
+    for current, folders, names in os.walk(folder):
+        here = Path(current)
+        for child in sorted(folders):
+            if not child.startswith(".") and (here / child).is_symlink():
+                yield Skipped(
+                    printable((here / child).relative_to(folder).as_posix()), "a symlinked folder is not followed"
+                )
+        folders[:] = sorted(child for child in folders if not child.startswith(".") and not (here / child).is_symlink())
+        files += [here / name for name in names]
+    yield from sorted(files)
+
+
+def read_metadata(meta_file: Path, root: Path) -> Iterator[Skipped | tuple[int, str, dict[str, Any]]]:
+    """docs.jsonl: (line number, doc_id, record) per good line; every other line skipped with why."""
+    try:
+        raw_lines = read_regular_file(meta_file).split(b"\n")
+    except (FileRefused, OSError) as error:
+        yield Skipped("docs.jsonl", f"cannot read: {getattr(error, 'strerror', None) or error}")
+        return
+    for line_number, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        where = f"docs.jsonl line {line_number}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise TypeError(f"expected an object, got {type(record).__name__}")
+            doc_id = record["doc_id"]
+            if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
+                raise TypeError("doc_id is not a string")
+            if record.get("title") is not None and not isinstance(record["title"], str):
+                raise TypeError("title is not a string")
+        except UnicodeDecodeError as error:
+            yield Skipped(where, f"malformed metadata line: invalid UTF-8 at byte {error.start}")
+            continue
+        except (ValueError, KeyError, TypeError) as error:
+            yield Skipped(where, f"malformed metadata line: {error}")
+            continue
+        problem = unstorable(record)
+        if problem:
+            yield Skipped(where, f"malformed metadata line: {problem}")
+            continue
+        yield line_number, str(doc_id), record
 
 
 def document_from_markdown_file(path: Path, root: Path, doc_key: str, meta: dict[str, Any]) -> Iterator[Item]:
@@ -185,6 +310,9 @@ def document_from_markdown_file(path: Path, root: Path, doc_key: str, meta: dict
 
 # ------------------------------------------------------------------ single file
 def read_single_file(path: Path, root: Path) -> Iterator[Item]:
+    if unstorable(path.name):
+        yield Skipped(printable(path.name), "file name is not valid UTF-8 (rename it)")
+        return
     if path.suffix.lower() in HTML_SUFFIXES:
         text = read_text(path, root)
         if isinstance(text, Skipped):
@@ -266,7 +394,10 @@ def read_mramg(root: Path) -> Iterator[Item]:
     catalogue: dict[str, dict[str, Any]] = {}
     for info_file in sorted((root / "images_info").glob("*.json")):
         try:
-            entries = json.loads(info_file.read_text(encoding="utf-8"))
+            entries = json.loads(read_regular_file(info_file).decode("utf-8"))
+        except (FileRefused, OSError) as error:
+            yield Skipped(printable(relative_name(info_file, root)), f"cannot read: {error}")
+            continue
         except (ValueError, UnicodeDecodeError) as error:
             yield Skipped(relative_name(info_file, root), f"malformed image catalogue: {error}")
             continue
@@ -274,19 +405,29 @@ def read_mramg(root: Path) -> Iterator[Item]:
             yield Skipped(relative_name(info_file, root), "image catalogue is not an object of image id -> info")
             continue
         for image_id, info in entries.items():
-            if isinstance(info, dict):
+            problem = unstorable([image_id, info])
+            if problem:
+                where = f"{printable(relative_name(info_file, root))} entry {printable(str(image_id))[:80]}"
+                yield Skipped(where, f"image catalogue entry {problem}")
+            elif isinstance(info, dict):
                 catalogue[str(image_id)] = info
     for doc_file in sorted(root.glob("doc_*.jsonl")):
         subset = doc_file.stem.removeprefix("doc_")
+        if unstorable(doc_file.name):
+            yield Skipped(printable(doc_file.name), "file name is not valid UTF-8 (rename it)")
+            continue
         try:
-            raw_lines = doc_file.read_bytes().split(b"\n")
-        except OSError as error:
+            raw_lines = read_regular_file(doc_file).split(b"\n")
+        except (FileRefused, OSError) as error:
             yield Skipped(doc_file.name, f"cannot read: {error}")
             continue
         for line_number, raw in enumerate(raw_lines, 1):
             if not raw.strip():
                 continue
             where = f"{doc_file.name} line {line_number}"
+            if len(raw) > MAX_DOCUMENT_BYTES:
+                yield Skipped(where, f"{over_limit(len(raw), MAX_DOCUMENT_BYTES, 'document')} (split it)")
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -299,6 +440,10 @@ def read_mramg(root: Path) -> Iterator[Item]:
                     raise TypeError("expected [id, text, [image ids]]")
             except (ValueError, IndexError, TypeError, KeyError) as error:
                 yield Skipped(where, f"malformed line: {error}")
+                continue
+            problem = unstorable(record)
+            if problem:
+                yield Skipped(where, f"malformed line: {problem}")
                 continue
             doc_key = f"{subset}/{doc_id}"
             if not content.strip() and not image_ids:
@@ -342,6 +487,8 @@ def resolve_mramg_image(image_path: str, root: Path) -> Path | str:
     for base in (root, root / "IMAGE", root / "IMAGE" / "images"):
         candidate = (base / relative).resolve()
         if candidate.is_relative_to(root.resolve()) and candidate.is_file():
+            if unstorable(relative_name(candidate, root)):
+                return f"image file name is not UTF-8 ({printable(relative_name(candidate, root))})"
             return candidate
     return f"missing image file {image_path}"
 

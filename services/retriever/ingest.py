@@ -28,8 +28,8 @@ from services.common.storage import ObjectStore
 from services.common.text import ImageRef, ParsedDocument
 from services.retriever.chunking import Chunk as DocumentChunk
 from services.retriever.chunking import chunk_document
-from services.retriever.images import ImageRejected, verify_image
-from services.retriever.importers import Skipped, SourceDocument, parse_source
+from services.retriever.images import MAX_IMAGE_BYTES, ImageRejected, verify_image
+from services.retriever.importers import FileRefused, Skipped, SourceDocument, parse_source, read_regular_file
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
 CHUNKER_VERSION = "1"
@@ -67,7 +67,10 @@ def stage_document(store: ObjectStore, document: SourceDocument) -> tuple[Staged
     for linked in document.images:
         where = f"{linked.source_name} (in {document.doc_key})"
         try:
-            verified = verify_image(linked.path.read_bytes())
+            verified = verify_image(read_regular_file(linked.path, MAX_IMAGE_BYTES))
+        except FileRefused as error:
+            skipped.append(Skipped(where, str(error), doc_key=document.doc_key))
+            continue
         except OSError as error:
             skipped.append(Skipped(where, f"cannot read image: {error.strerror or error}", doc_key=document.doc_key))
             continue
