@@ -189,14 +189,18 @@ class Client:
     def ingest_report(self, run_id: uuid.UUID) -> IngestReport:
         """An ingest run's status and every item (documents and skipped inputs) in order; LookupError
         when there is no such run."""
+        from collections import Counter
+
         from services.common.models import IngestRun
+        from services.retriever.ingest_runs import run_state
 
         with session_scope() as session:
             run = session.get(IngestRun, run_id)
             if run is None:
                 raise LookupError(f"no ingest run {run_id}")
-            items = session.scalars(select(IngestItem).where(IngestItem.run_id == run_id).order_by(IngestItem.id))
-            return IngestReport(run_id=run.id, status=run.status, items=list(items))
+            items = list(session.scalars(select(IngestItem).where(IngestItem.run_id == run_id).order_by(IngestItem.id)))
+            counts = Counter(item.status for item in items)
+            return IngestReport(run_id=run.id, status=run_state(run.status, counts), items=items)
 
     def ingest_runs(self, limit: int = 20) -> list[dict[str, Any]]:
         """Recent ingest runs with their item counts; a run whose documents are all done is closed."""
