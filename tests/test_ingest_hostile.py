@@ -55,7 +55,7 @@ EXPECTED_SKIPS = {
     "docs/nul.md": "contains a NUL character (at character 12): not a text document",
     "docs/twice.md": "same document key 'twice' as docs/twice.markdown (rename one of them)",
     "docs/page.html": "an HTML file in a Markdown corpus is not read (ingest it on its own: m2io ingest FILE)",
-    "docs/huge.md": "file is 2.0 MiB, over the 2 MiB limit (split it into smaller documents)",
+    "docs/huge.md": "file is 1.0 MiB, over the 1 MiB limit (split it into smaller documents)",
     "docs.jsonl line 4": "malformed metadata line: contains a NUL character (at character 6)",
     "docs.jsonl line 6": "malformed metadata line: expected an object, got list",
     "docs.jsonl line 7": "malformed metadata line: title is not a string",
@@ -149,7 +149,6 @@ def test_hostile_corpus_ingests_the_rest_and_the_run_is_done(tmp_path):
     from services.client import Client
     from services.common.db import session_scope
     from services.common.models import Document, IngestItem, IngestRun
-    from services.common.storage import get_store
 
     root = write_hostile_corpus(tmp_path / "corpus", tmp_path / "outside")
     name = f"hostile-{uuid.uuid4().hex[:8]}"
@@ -171,7 +170,6 @@ def test_hostile_corpus_ingests_the_rest_and_the_run_is_done(tmp_path):
     ]
     assert not any("swordfish" in text for text in texts)
     assert Client().ingest_report(run_id).status == "done"
-    assert get_store() is not None
 
 
 def test_run_state_comes_from_items_and_the_cli_never_waits_on_a_lock(tmp_path):
