@@ -18,7 +18,7 @@ from services.common.settings import get_settings
 from services.common.stage_runs import now
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
-from services.jobs.questions import QuestionLine
+from services.jobs.questions import QuestionLine, storable
 from services.jobs.status import ENQUEUE_STAGE, INPUT_STAGE, QueryFailure, UnknownJob, parse_job_id
 
 
@@ -103,7 +103,12 @@ def submit_job(
         raise JobError("no questions to submit")
     with session_scope() as session:
         stored = check_collection(session, config.collection)
-        job = Job(kind="answer", name=name, collection_id=stored.id, config=config.model_dump(mode="json"))
+        job = Job(
+            kind="answer",
+            name=storable(name) if name else None,
+            collection_id=stored.id,
+            config=config.model_dump(mode="json"),
+        )
         session.add(job)
         session.flush()
         rows = [
