@@ -76,13 +76,36 @@ def job_config(
         raise JobError(f"invalid job options: {problems}") from error
 
 
+def check_backend_works(kind: str, backend: str | None) -> None:
+    """JobError when a backend the stages know can still never run (cheap checks, no model loaded):
+    a checkpoint that is not registered, `openai` with no server set, a path that is not a model."""
+    from services.common.llm import LLMError, check_chat_model
+    from services.inserter.registry import UnknownModel, registered_prefix
+
+    if backend is None:
+        return
+    prefix, _, spec = backend.partition(":")
+    try:
+        match kind, prefix:
+            case "inserter", "checkpoint":
+                registered_prefix(spec)
+            case "inserter", "llm":
+                check_chat_model(spec or "local")
+            case "generator", "local" | "openai":
+                check_chat_model(backend)
+    except (LLMError, UnknownModel) as error:
+        raise JobError(f"{kind} backend {backend!r} cannot run: {error}") from error
+
+
 def validate_config(config: JobConfig) -> JobConfig:
-    """The config as it will run: backends checked against those the stages declare, unset ones filled
-    in from the settings (so every stage reads the same backends)."""
+    """The config as it will run: backends checked against those the stages declare and that they can
+    run at all, unset ones filled in from the settings (so every stage reads the same backends)."""
     settings = get_settings()
     resolved = config.with_defaults(settings.generator_backend, settings.inserter_backend)
     check_backend("generator", resolved.generator, GENERATOR_BACKENDS)
     check_backend("inserter", resolved.inserter, INSERTER_BACKENDS)
+    check_backend_works("generator", resolved.generator)
+    check_backend_works("inserter", resolved.inserter)
     return resolved
 
 
