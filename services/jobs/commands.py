@@ -68,6 +68,8 @@ def job_config(
         raise JobError(f"top_k={top_k}: use 1..100")
     if candidates is not None and not 1 <= candidates <= 100:
         raise JobError(f"candidates={candidates}: use 1..100")
+    if not collection.strip():
+        raise JobError("the collection name is empty: name the collection to answer from (`m2io ingest` made it)")
     given = {"generator": generator, "inserter": inserter, "top_k": top_k, "candidates": candidates}
     try:
         return JobConfig(collection=collection, **{key: value for key, value in given.items() if value is not None})
