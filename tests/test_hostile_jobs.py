@@ -219,6 +219,7 @@ def test_server_and_path_errors_are_one_line(servers, tmp_path):
         s3_down = m2io("export", str(job_id), "--out", str(tmp_path / "s3-down"))
     assert_one_line_error(s3_down, f"cannot reach S3 at 127.0.0.1:{port}", "Connection refused", "`m2io up`")
     assert "M2IO_S3_ENDPOINT" in s3_down.stderr and "MaxRetryError" not in s3_down.stderr
+    assert "object at 0x" not in s3_down.stderr
 
     real = servers.database_url
     down = re.sub(r"@([^:/]+):(\d+)/", f"@127.0.0.1:{port}/", real)

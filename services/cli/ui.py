@@ -96,8 +96,8 @@ def server_error(error: BaseException) -> str:
         )
     module = type(error).__module__
     if module.startswith("urllib3"):
-        reason = getattr(error, "reason", None) or error
-        return f"cannot reach S3 at {settings.s3_endpoint} ({first_line(reason)}): {up}, or set M2IO_S3_ENDPOINT"
+        reason = first_line(getattr(error, "reason", None) or error).split(">: ", 1)[-1]  # no object repr
+        return f"cannot reach S3 at {settings.s3_endpoint} ({reason}): {up}, or set M2IO_S3_ENDPOINT"
     where = without_secret(settings.redis_url)
     return f"cannot reach Redis at {where} ({first_line(error)}): {up}, or set M2IO_REDIS_URL"
 
