@@ -188,8 +188,9 @@ def test_cancel_resume_and_retry_from_a_later_stage(workers, tmp_path):
     assert "2 queries requeued (2 at retriever)" in resumed.stdout
     assert client.wait(job_id, stall_timeout=120).state == "succeeded"
 
-    # A job whose inserter cannot run fails there; a retry re-enters at the inserter, not before.
-    broken = client.submit(QUESTIONS, name, inserter="checkpoint:never-registered", name="broken inserter")
+    # A job whose inserter cannot run fails there; a retry re-enters at the inserter, not before. Submit
+    # refuses a checkpoint that is not registered, so this one is unregistered after the job is stored.
+    broken = submit_then_unregister(QUESTIONS, name)
     status = client.wait(broken, stall_timeout=120)
     assert status.state == "failed" and {f.stage for f in status.failures} == {"inserter"}
     assert all("no registered inserter model" in f.error for f in status.failures)
@@ -201,6 +202,25 @@ def test_cancel_resume_and_retry_from_a_later_stage(workers, tmp_path):
     assert again.state == "failed" and inserter.attempts == 4 and retriever.attempts == 2
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Answer).join(Query).where(Query.job_id == broken)) == 0
+
+
+def submit_then_unregister(records: list[dict], collection: str) -> uuid.UUID:
+    """A job on `checkpoint:<a model>` whose model is unregistered between submit and the first message."""
+    from services.common.models import RegisteredModel
+    from services.common.queues import Stage
+    from services.jobs.commands import job_config, send_or_mark_failed, submit_job
+    from services.jobs.questions import from_records
+
+    model = f"gone-{uuid.uuid4().hex[:6]}"
+    with session_scope() as session:
+        session.add(RegisteredModel(name=model, kind="inserter", s3_prefix=f"models/{model}"))
+    config = job_config(collection, inserter=f"checkpoint:{model}")
+    job_id = submit_job(from_records(records), config, name="broken inserter", enqueue=False)
+    with session_scope() as session:
+        session.query(RegisteredModel).filter(RegisteredModel.name == model).delete()
+        queued = session.scalars(select(Query.id).where(Query.job_id == job_id)).all()
+    send_or_mark_failed(job_id, [(query_id, Stage.RETRIEVER) for query_id in queued])
+    return job_id
 
 
 def test_submit_refuses_what_cannot_run(servers, tmp_path):

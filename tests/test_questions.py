@@ -106,3 +106,58 @@ def test_percentiles_and_backend_checks():
 def test_export_doctests():
     result = doctest.testmod(export)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("record", "external_id", "error"),
+    [
+        (
+            {"id": "n", "question": "apple\u0000pie"},
+            "n",
+            "line 1: `question` holds a NUL character (U+0000) at position 5",
+        ),
+        ({"id": "g", "question": "q", "gold_answer": "\ud800"}, "g", "line 1: `gold_answer` holds a lone surrogate"),
+        ({"id": "i\u0000", "question": "q"}, "line-1", "line 1: `id` holds a NUL character (U+0000) at position 1"),
+        ({"id": "s", "question": "q", "section": [{"a": "\u0000"}]}, "s", "line 1: `section`[0].a holds a NUL"),
+        ({"id": "c", "question": "q", "collection": "c" * 201}, "c", "line 1: `collection` is 201 characters"),
+    ],
+)
+def test_text_postgres_cannot_store_fails_its_line(record, external_id, error):
+    entry, good = parse_lines([json.dumps(record), json.dumps({"id": "ok", "question": "How?"})])
+    assert entry.external_id == external_id and entry.error.startswith(error)
+    assert entry.question == "" and entry.gold == {} and entry.collection is None  # nothing unstorable is kept
+    assert good.error is None
+    (same,) = from_records([record])  # the client's and the dashboard's way in
+    assert same.error == entry.error
+
+
+def test_an_empty_collection_name_is_refused():
+    for name in ("", "   "):
+        with pytest.raises(commands.JobError, match="the collection name is empty"):
+            commands.job_config(name)
+
+
+def test_markdown_is_escaped_like_the_html():
+    from services.common.contracts import AnswerBlock
+    from services.merger import core as merger
+
+    assert doctest.testmod(merger).failed == 0
+    markdown = merger.to_markdown(
+        [
+            AnswerBlock(type="text", text='<script>alert(1)</script> [x](javascript:alert(2)) <a href="x">'),
+            AnswerBlock(type="image", source_name="my pics/a (1).png", caption="<img src=x onerror=alert(3)>"),
+            AnswerBlock(type="text", text="[ref]:  data:text/html,<b>"),
+        ]
+    )
+    assert "<script" not in markdown and "<a " not in markdown and "<img" not in markdown
+    assert "javascript:" not in markdown and "data:" not in markdown
+    assert "![&lt;img src=x onerror=alert(3)>](my%20pics/a%20%281%29.png)" in markdown
+
+
+def test_questions_and_cli_doctests():
+    from services.cli import ui
+    from services.jobs import questions
+
+    for module in (questions, ui):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0

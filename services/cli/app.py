@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from services.cli import cluster, demo, ingest, jobs, train
+from services.cli.ui import one_line_errors
 
 app = typer.Typer(
     help="m2io: multimodal RAG whose answers put the right images at the right places.",
@@ -28,7 +29,8 @@ COMMANDS = (
 RENAMED = {jobs.evaluate: "eval"}  # a function named `eval` would shadow the builtin
 for group in COMMANDS:
     for command in group:
-        app.command(RENAMED.get(command))(command)
+        # A server that is down or a path that is not a folder is one line naming the fix, never a traceback.
+        app.command(RENAMED.get(command))(one_line_errors(command))
 
 if __name__ == "__main__":
     app()

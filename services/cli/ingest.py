@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from services.cli.ui import console, errors, fail, ingest_corpus, print_ingest_summary
+from services.cli.ui import collection_name, console, errors, fail, ingest_corpus, print_ingest_summary
 
 
 def ingest(
@@ -60,11 +60,17 @@ def search(
 
     if (text is None) == (questions is None):
         raise fail("give a question, or --questions FILE.jsonl (not both)")
+    collection_name(collection)
     asked: list[tuple[str, str]] = []
     if questions is not None:
-        if not questions.exists():
-            raise fail(f"{questions} does not exist")
-        for number, line in enumerate(questions.read_text(encoding="utf-8").splitlines(), 1):
+        if not questions.is_file():
+            raise fail(f"{questions} does not exist" if not questions.exists() else f"{questions} is not a file")
+        for number, raw in enumerate(questions.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                errors.print(f"[yellow]{questions} line {number} skipped: invalid UTF-8 at byte {error.start}[/yellow]")
+                continue
             if not line.strip():
                 continue
             try:
@@ -120,5 +126,5 @@ def search(
                         candidate.source_name, candidate.doc_key, f"{candidate.score:.4f}", ", ".join(candidate.reasons)
                     )
                 console.print(images)
-    except UnknownCollection as error:
+    except (UnknownCollection, ValueError) as error:  # ValueError: top_k or candidates out of range
         raise fail(str(error)) from error

@@ -160,7 +160,7 @@ def export(
 
     try:
         result = Client().export(job, out)
-    except UnknownJob as error:
+    except (UnknownJob, ValueError) as error:  # ValueError: --out is a file
         raise fail(str(error)) from error
     for warning in result.warnings:
         errors.print(f"[yellow]{warning}[/yellow]")

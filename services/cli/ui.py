@@ -7,8 +7,12 @@ messages for people go to stderr; tables are rich tables on stdout.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -32,6 +36,99 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print `error: message` on stderr; the caller raises the returned Exit."""
     errors.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def without_secret(url: str) -> str:
+    """A server URL as it may be printed: scheme, host, port and path, no user or password.
+
+    >>> without_secret("redis://:s3cret@127.0.0.1:6390/0")
+    'redis://127.0.0.1:6390/0'
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def server_error_types() -> tuple[type[BaseException], ...]:
+    """The errors of the Postgres, Redis and S3 clients that `server_error` explains. Imported when an
+    error is raised, not before: the CLI starts without loading any client library."""
+    import redis.exceptions
+    import sqlalchemy.exc
+    import urllib3.exceptions
+    from kombu.exceptions import OperationalError as BrokerError
+    from minio.error import S3Error
+
+    return (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.DataError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        BrokerError,
+        urllib3.exceptions.HTTPError,  # MaxRetryError, NewConnectionError, ProtocolError
+        S3Error,
+    )
+
+
+def server_error(error: BaseException) -> str:
+    """One of `server_error_types()` as one line naming the server and the fix."""
+    import sqlalchemy.exc
+    from minio.error import S3Error
+
+    from services.common.settings import get_settings
+
+    settings = get_settings()
+    up = "start the local cluster with `m2io up`"
+    if isinstance(error, sqlalchemy.exc.DataError):
+        return f"PostgreSQL refused a value ({first_line(error)}): shorten or fix it"
+    if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        where = without_secret(settings.database_url or "")
+        return f"cannot reach PostgreSQL at {where} ({first_line(error)}): {up}, or set M2IO_DATABASE_URL"
+    if isinstance(error, S3Error):
+        return (
+            f"S3 at {settings.s3_endpoint} refused the request ({error.code}: {error.message}): check "
+            "M2IO_S3_ACCESS_KEY, M2IO_S3_SECRET_KEY and M2IO_S3_BUCKET (`m2io up` writes them)"
+        )
+    module = type(error).__module__
+    if module.startswith("urllib3"):
+        reason = first_line(getattr(error, "reason", None) or error).split(">: ", 1)[-1]  # no object repr
+        return f"cannot reach S3 at {settings.s3_endpoint} ({reason}): {up}, or set M2IO_S3_ENDPOINT"
+    where = without_secret(settings.redis_url)
+    return f"cannot reach Redis at {where} ({first_line(error)}): {up}, or set M2IO_REDIS_URL"
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` with the errors a user meets around it (a server down or refusing, a path that is
+    not what it should be) printed as one `error:` line, exit code 1, no traceback. Anything else
+    is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except server_error_types() as error:
+            raise fail(server_error(error)) from None
+        except OSError as error:  # a path that is a file, not a folder; no permission; ...
+            where = f": {error.filename}" if error.filename else ""
+            raise fail(f"{error.strerror or first_line(error)}{where}") from None
+
+    return run
+
+
+def collection_name(name: str) -> str:
+    """A `--collection` as given, or the one-line error of an empty or oversized name."""
+    from services.jobs.questions import MAX_COLLECTION_CHARS
+
+    if not name.strip():
+        raise fail("--collection is empty: name a collection (`m2io ingest` creates one)")
+    if len(name) > MAX_COLLECTION_CHARS:
+        raise fail(f"--collection is {len(name):,} characters (limit {MAX_COLLECTION_CHARS})")
+    return name
 
 
 def styled(state: str) -> str:

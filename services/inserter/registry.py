@@ -26,8 +26,9 @@ def cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "m2io" / "models"
 
 
-def download_checkpoint(name: str) -> Path:
-    """The checkpoint's files in a local folder (downloaded once per prefix)."""
+def registered_prefix(name: str) -> str:
+    """The S3 prefix of the registered inserter model `name`; UnknownModel (naming those registered)
+    when there is none. One query: what submit checks before it stores a job."""
     with session_scope() as session:
         model = session.execute(
             select(RegisteredModel).where(RegisteredModel.name == name, RegisteredModel.kind == "inserter")
@@ -35,7 +36,12 @@ def download_checkpoint(name: str) -> Path:
         if model is None:
             known = session.scalars(select(RegisteredModel.name).where(RegisteredModel.kind == "inserter")).all()
             raise UnknownModel(f"no registered inserter model {name!r} (registered: {', '.join(known) or 'none'})")
-        prefix = model.s3_prefix.rstrip("/") + "/"
+        return model.s3_prefix.rstrip("/") + "/"
+
+
+def download_checkpoint(name: str) -> Path:
+    """The checkpoint's files in a local folder (downloaded once per prefix)."""
+    prefix = registered_prefix(name)
     target = cache_root() / "registered" / f"{name}-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target

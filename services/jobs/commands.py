@@ -18,7 +18,7 @@ from services.common.settings import get_settings
 from services.common.stage_runs import now
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
-from services.jobs.questions import QuestionLine
+from services.jobs.questions import QuestionLine, storable
 from services.jobs.status import ENQUEUE_STAGE, INPUT_STAGE, QueryFailure, UnknownJob, parse_job_id
 
 
@@ -68,6 +68,8 @@ def job_config(
         raise JobError(f"top_k={top_k}: use 1..100")
     if candidates is not None and not 1 <= candidates <= 100:
         raise JobError(f"candidates={candidates}: use 1..100")
+    if not collection.strip():
+        raise JobError("the collection name is empty: name the collection to answer from (`m2io ingest` made it)")
     given = {"generator": generator, "inserter": inserter, "top_k": top_k, "candidates": candidates}
     try:
         return JobConfig(collection=collection, **{key: value for key, value in given.items() if value is not None})
@@ -76,13 +78,36 @@ def job_config(
         raise JobError(f"invalid job options: {problems}") from error
 
 
+def check_backend_works(kind: str, backend: str | None) -> None:
+    """JobError when a backend the stages know can still never run (cheap checks, no model loaded):
+    a checkpoint that is not registered, `openai` with no server set, a path that is not a model."""
+    from services.common.llm import LLMError, check_chat_model
+    from services.inserter.registry import UnknownModel, registered_prefix
+
+    if backend is None:
+        return
+    prefix, _, spec = backend.partition(":")
+    try:
+        match kind, prefix:
+            case "inserter", "checkpoint":
+                registered_prefix(spec)
+            case "inserter", "llm":
+                check_chat_model(spec or "local")
+            case "generator", "local" | "openai":
+                check_chat_model(backend)
+    except (LLMError, UnknownModel) as error:
+        raise JobError(f"{kind} backend {backend!r} cannot run: {error}") from error
+
+
 def validate_config(config: JobConfig) -> JobConfig:
-    """The config as it will run: backends checked against those the stages declare, unset ones filled
-    in from the settings (so every stage reads the same backends)."""
+    """The config as it will run: backends checked against those the stages declare and that they can
+    run at all, unset ones filled in from the settings (so every stage reads the same backends)."""
     settings = get_settings()
     resolved = config.with_defaults(settings.generator_backend, settings.inserter_backend)
     check_backend("generator", resolved.generator, GENERATOR_BACKENDS)
     check_backend("inserter", resolved.inserter, INSERTER_BACKENDS)
+    check_backend_works("generator", resolved.generator)
+    check_backend_works("inserter", resolved.inserter)
     return resolved
 
 
@@ -103,7 +128,12 @@ def submit_job(
         raise JobError("no questions to submit")
     with session_scope() as session:
         stored = check_collection(session, config.collection)
-        job = Job(kind="answer", name=name, collection_id=stored.id, config=config.model_dump(mode="json"))
+        job = Job(
+            kind="answer",
+            name=storable(name) if name else None,
+            collection_id=stored.id,
+            config=config.model_dump(mode="json"),
+        )
         session.add(job)
         session.flush()
         rows = [

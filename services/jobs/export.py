@@ -4,8 +4,10 @@ links to, and an `index.html` that links everything.
 The JSON of a question is `{"id", "question", "status", "blocks": [{"type": "text", "text": ...},
 {"type": "image", "source_name": ..., "caption": ...}], "error"}`. The HTML is the merger's
 self-contained page (images embedded); the Markdown links images by source name, and those files
-are written next to it, so both render offline. A question without an answer still gets its three
-files, saying why.
+are written next to it, so both render offline. An image whose name would overwrite a question's
+file or `index.html` (or another image, or stand where a folder of them is) goes under `images/`
+instead, with a warning, and the Markdown links it there. A question without an answer still gets
+its three files, saying why. Text in the Markdown is escaped as the HTML page escapes it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from services.common.queues import Stage
 from services.common.stage_runs import outputs_of_job
 from services.common.storage import ObjectMissing, ObjectStore, get_store
 from services.jobs.status import job_status, parse_job_id
-from services.merger.core import to_html
+from services.merger.core import markdown_text, to_html, to_markdown
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,6 +67,38 @@ def safe_relative(name: str) -> PurePosixPath | None:
     return path
 
 
+class ImagePlaces:
+    """Where each image of an export goes: its source name, unless that path (or a folder on it) is
+    taken by a question's file, `index.html` or another image; then under `images/`, numbered if need
+    be. Case-insensitive, as some file systems are.
+
+    >>> places = ImagePlaces({"clash.json", "index.html"})
+    >>> [places.place(n) for n in ["images/a.jpg", "clash.json", "images/clash.json", "index.html/x.png"]]
+    ['images/a.jpg', 'images/clash.json', 'images/images/clash.json', 'images/index.html/x.png']
+    """
+
+    def __init__(self, question_files: set[str]):
+        self.files = {name.lower() for name in question_files}
+        self.folders: set[str] = set()
+        self.of: dict[str, str] = {}  # source name -> path in the export
+
+    def free(self, path: PurePosixPath) -> bool:
+        parents = {parent.as_posix().lower() for parent in path.parents if parent.parts}
+        return not (parents & self.files) and path.as_posix().lower() not in self.files | self.folders
+
+    def place(self, name: str) -> str:
+        source = PurePosixPath(name)
+        path, n = source, 1
+        while not self.free(path):
+            n += 1
+            relocated = PurePosixPath("images", *source.parts)
+            path = relocated if n == 2 else relocated.with_stem(f"{relocated.stem}-{n - 1}")
+        self.files.add(path.as_posix().lower())
+        self.folders |= {parent.as_posix().lower() for parent in path.parents if parent.parts}
+        self.of[name] = path.as_posix()
+        return self.of[name]
+
+
 @dataclass
 class ExportResult:
     out_dir: Path
@@ -80,6 +114,8 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
     status = job_status(job_id, detail=False)
     store = store or get_store()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder: give --out a folder (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out_dir=out_dir, index=out_dir / "index.html")
     with session_scope() as session:
@@ -91,10 +127,10 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
         ).all()
     retrievals = {query_id: out.retrieval for query_id, out in outputs_of_job(job_id, [Stage.RETRIEVER]).items()}
     taken: set[str] = {"index"}
-    written_images: set[str] = set()
+    stems = [file_stem(query.external_id, taken) for query, _ in rows]
+    places = ImagePlaces({"index.html"} | {f"{stem}.{ext}" for stem in stems for ext in ("md", "html", "json")})
     entries = []
-    for query, answer in rows:
-        stem = file_stem(query.external_id, taken)
+    for stem, (query, answer) in zip(stems, rows, strict=True):
         blocks = export_blocks(answer.blocks) if answer else []
         status_text = "succeeded" if answer else query.status
         record = {
@@ -108,7 +144,6 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
         candidates = retrievals[query.id].candidates if query.id in retrievals else []
         if answer:
             result.answered += 1
-            markdown = f"# {query.question}\n\n{answer.markdown}"
             page = None
             if answer.html_key:
                 try:
@@ -122,10 +157,12 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
                     query.question, [AnswerBlock.model_validate(b) for b in answer.blocks], candidates, store
                 )
                 result.warnings += [f"{query.external_id}: {w}" for w in warnings]
-            result.images_written += write_images(blocks, candidates, store, out_dir, written_images, result)
+            result.images_written += write_images(blocks, candidates, store, out_dir, places, result)
+            body = to_markdown([AnswerBlock.model_validate(b) for b in answer.blocks], places.of.get)
+            markdown = f"# {heading(query.question)}\n\n{body}"
         else:
             reason = query.described_error or f"no answer yet ({query.status})"
-            markdown = f"# {query.question}\n\n**No answer** ({query.status}): {reason}\n"
+            markdown = f"# {heading(query.question)}\n\n**No answer** ({query.status}): {markdown_text(reason)}\n"
             page = (
                 "<!doctype html><html><head><meta charset='utf-8'>"
                 f"<title>{html.escape(query.question or query.external_id)}</title></head><body>"
@@ -142,12 +179,16 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
     return result
 
 
-def write_images(blocks, candidates, store, out_dir: Path, written: set[str], result: ExportResult) -> int:
+def heading(question: str) -> str:
+    return markdown_text(" ".join(question.split()))
+
+
+def write_images(blocks, candidates, store, out_dir: Path, places: ImagePlaces, result: ExportResult) -> int:
     keys = {c.source_name: c.s3_key for c in candidates}
     count = 0
     for block in blocks:
         name = block.get("source_name") if block["type"] == "image" else None
-        if not name or name in written:
+        if not name or name in places.of:
             continue
         relative = safe_relative(name)
         if relative is None or name not in keys:
@@ -158,10 +199,13 @@ def write_images(blocks, candidates, store, out_dir: Path, written: set[str], re
         except ObjectMissing:
             result.warnings.append(f"image {name} is missing from storage ({keys[name]})")
             continue
-        target = out_dir / Path(*relative.parts)
+        placed = places.place(relative.as_posix())
+        if placed != relative.as_posix():
+            result.warnings.append(f"image {name!r} would overwrite another file of the export; written as {placed}")
+        places.of[name] = placed
+        target = out_dir / Path(*PurePosixPath(placed).parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        written.add(name)
         count += 1
     return count
 

@@ -2,7 +2,8 @@
 required, gold fields (`gold_answer` with `<PIC>` markers, `gold_images`, `doc_id`, `section`)
 optional, `collection` optional (overrides the job's collection for that question).
 
-A line that cannot be a question (invalid JSON, no id, an empty or oversized question) does not
+A line that cannot be a question (invalid JSON, no id, an empty or oversized question, a text that
+Postgres cannot store: a NUL character or a lone surrogate, anywhere in a field that is stored) does not
 stop the file: it becomes a `QuestionLine` with an `error`, which the job records as a failed query
 so that the rest of the batch goes on and the operator sees what was wrong, and where.
 """
@@ -10,6 +11,7 @@ so that the rest of the batch goes on and the operator sees what was wrong, and 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,11 @@ from typing import Any
 # input error (a pasted document, a broken export), not a question.
 MAX_QUESTION_CHARS = 4_000
 MAX_ID_CHARS = 200
+MAX_COLLECTION_CHARS = 200  # collections.name and queries.collection are VARCHAR(200)
 GOLD_FIELDS = ("gold_answer", "gold_images", "doc_id", "section")
+STORED_FIELDS = ("id", "question", "collection", *GOLD_FIELDS)  # what reaches Postgres (text, JSONB)
+# Postgres text and JSONB hold neither NUL nor a UTF-16 surrogate (JSON's "\ud800" decodes to one).
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 @dataclass
@@ -32,6 +38,41 @@ class QuestionLine:
     error: str | None = None
 
 
+def unstorable(value: Any, where: str) -> str | None:
+    r"""Why `value` (a text, or JSON: keys and values of objects, items of arrays) cannot be stored
+    in Postgres, naming where, or None.
+
+    >>> unstorable({"a": ["ok", "x\x00y"]}, "`gold`")
+    '`gold`.a[1] holds a NUL character (U+0000) at position 1'
+    >>> unstorable({"\ud800": 1}, "`gold`")
+    'a key of `gold` holds a lone surrogate (U+D800) at position 0'
+    """
+    pending: list[tuple[Any, str]] = [(value, where)]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            found = UNSTORABLE.search(item)
+            if found:
+                what = "a NUL character" if found.group() == "\x00" else "a lone surrogate"
+                return f"{path} holds {what} (U+{ord(found.group()):04X}) at position {found.start()}"
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                pending += [(inner, f"{path}.{key}"), (key, f"a key of {path}")]  # the key is checked first
+        elif isinstance(item, list):
+            pending += [(inner, f"{path}[{index}]") for index, inner in reversed(list(enumerate(item)))]
+    return None
+
+
+def storable(text: str) -> str:
+    r"""A text Postgres can store: what it cannot (NUL, lone surrogates such as a file name's
+    undecodable bytes) written as escapes.
+
+    >>> print(storable("a\x00b\udcff"))
+    a\x00b\udcff
+    """
+    return UNSTORABLE.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def parse_question(record: Any, line: int) -> QuestionLine:
     """One decoded line → a question, or a question line carrying its error."""
     fallback_id = f"line-{line}"
@@ -39,19 +80,36 @@ def parse_question(record: Any, line: int) -> QuestionLine:
         return QuestionLine(
             fallback_id, "", line, error=f"line {line}: expected a JSON object, got {type(record).__name__}"
         )
+    problem = unstorable(record.get("id"), "`id`")
+    if problem:
+        return QuestionLine(fallback_id, "", line, error=f"line {line}: {problem}")
     raw_id = record.get("id")
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-        return QuestionLine(fallback_id, str(record.get("question", ""))[:200], line, error=f"line {line}: no `id`")
+        return QuestionLine(
+            fallback_id, storable(str(record.get("question", "")))[:200], line, error=f"line {line}: no `id`"
+        )
     external_id = str(raw_id).strip()
     if len(external_id) > MAX_ID_CHARS:
         return QuestionLine(
             fallback_id, "", line, error=f"line {line}: `id` is {len(external_id)} characters (limit {MAX_ID_CHARS})"
         )
+    for key in STORED_FIELDS[1:]:
+        problem = unstorable(record.get(key), f"`{key}`")
+        if problem:  # nothing of the line is stored but its id: the failed query says why
+            return QuestionLine(external_id, "", line, error=f"line {line}: {problem}")
     question = record.get("question")
     gold = {key: record[key] for key in GOLD_FIELDS if key in record}
     collection = record.get("collection")
     if collection is not None and not isinstance(collection, str):
         return QuestionLine(external_id, "", line, gold, error=f"line {line}: `collection` must be a string")
+    if collection is not None and len(collection) > MAX_COLLECTION_CHARS:
+        return QuestionLine(
+            external_id,
+            "",
+            line,
+            gold,
+            error=f"line {line}: `collection` is {len(collection):,} characters (limit {MAX_COLLECTION_CHARS})",
+        )
     if not isinstance(question, str):
         what = "no `question`" if question is None else f"`question` is a {type(question).__name__}, not text"
         return QuestionLine(external_id, "", line, gold, collection, error=f"line {line}: {what}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Callable
+from urllib.parse import quote
 
 from services.common.contracts import (
     AnswerBlock,
@@ -15,6 +17,7 @@ from services.common.contracts import (
     MergedAnswer,
 )
 from services.common.storage import ObjectMissing, ObjectStore
+from services.common.text import FENCE
 
 
 def interleave(units: list[AnswerUnit], plan: InsertionPlan, candidates: list[CandidateImage]) -> list[AnswerBlock]:
@@ -53,19 +56,54 @@ def interleave(units: list[AnswerUnit], plan: InsertionPlan, candidates: list[Ca
 
 
 STEP = re.compile(r"^\s*([-*+]|\d{1,3}[.)])\s")
+# Links a document's text may keep in an answer: web, mail, and relative (no scheme) targets. Others
+# (`javascript:`, `data:`, `vbscript:`, `file:`) become `#`. Each pattern is linear: disjoint runs.
+SAFE_SCHEMES = ("http", "https", "mailto")
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+INLINE_TARGET = re.compile(r"(\]\([ \t]*)([^\s)]*)")  # [text](target) and ![alt](target)
+REFERENCE_TARGET = re.compile(r"^( {0,3}\[[^\]\n]*\]:[ \t]*)(\S*)", re.MULTILINE)  # [label]: target
 
 
-def to_markdown(blocks: list[AnswerBlock]) -> str:
-    """Each block a paragraph, except that consecutive list steps stay a list (one per line)."""
+def safe_target(target: str) -> str:
+    r"""A link target as it may stay in an answer.
+
+    >>> [safe_target(t) for t in ["https://x.org", "pics/a.png", "JavaScript:alert(1", "\x01javascript:x"]]
+    ['https://x.org', 'pics/a.png', '#', '#']
+    """
+    scheme = SCHEME.match("".join(ch for ch in target if ch > " "))  # browsers drop controls and spaces
+    return target if scheme is None or scheme[1].lower() in SAFE_SCHEMES else "#"
+
+
+def markdown_text(text: str) -> str:
+    r"""Document text as Markdown that renders as that text, as the HTML page escapes it: raw HTML
+    (`<script>`, `<img onerror>`) and entities shown, not run; links only to safe targets.
+
+    >>> markdown_text("<script>x</script> & [go](javascript:alert(1))")
+    '&lt;script>x&lt;/script> &amp; [go](#))'
+    >>> markdown_text("```html\n<b>kept</b>\n```")
+    '```html\n<b>kept</b>\n```'
+    """
+    lines = text.split("\n")
+    if len(lines) > 1 and [n for n, line in enumerate(lines) if FENCE.match(line)] == [0, len(lines) - 1]:
+        return text  # one closed code block: shown as written, nothing in it runs
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    text = INLINE_TARGET.sub(lambda found: found[1] + safe_target(found[2]), text)
+    return REFERENCE_TARGET.sub(lambda found: found[1] + safe_target(found[2]), text)
+
+
+def to_markdown(blocks: list[AnswerBlock], image_path: Callable[[str], str] | None = None) -> str:
+    """Each block a paragraph, except that consecutive list steps stay a list (one per line). Text is
+    escaped (`markdown_text`); an image links to `image_path(source name)`, by default its source name."""
     paragraphs: list[str] = []
     previous_step = False
     for block in blocks:
         if block.type == "image":
-            alt = (block.caption or block.source_name or "").replace("[", "(").replace("]", ")")
-            paragraphs.append(f"![{alt}]({block.source_name})")
+            alt = markdown_text(block.caption or block.source_name or "").replace("[", "(").replace("]", ")")
+            name = block.source_name or ""
+            paragraphs.append(f"![{alt}]({quote(image_path(name) if image_path else name, safe='/')})")
             previous_step = False
             continue
-        text = block.text or ""
+        text = markdown_text(block.text or "")
         is_step = bool(STEP.match(text))
         if is_step and previous_step:
             paragraphs[-1] += "\n" + text

@@ -20,6 +20,7 @@ from services.common.settings import get_settings
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion
+MAX_RESULTS = 100  # top_k and candidates, as JobConfig bounds them: more is a typo, not a question
 
 
 class UnknownCollection(LookupError):
@@ -77,6 +78,10 @@ def retrieve(
     top_k: int = DEFAULT_TOP_K,
     max_candidates: int = DEFAULT_CANDIDATES,
 ) -> Retrieval:
+    if not 1 <= top_k <= MAX_RESULTS:
+        raise ValueError(f"top_k={top_k}: use 1..{MAX_RESULTS} passages")
+    if not 0 <= max_candidates <= MAX_RESULTS:
+        raise ValueError(f"candidates={max_candidates}: use 0..{MAX_RESULTS} images")
     query_vector = vector_literal(embedder.encode([question])[0])
     pool = max(POOL, top_k * 4)
     by_vector = {

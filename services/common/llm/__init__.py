@@ -43,16 +43,18 @@ __all__ = [
     "LocalChatModel",
     "OpenAIChatModel",
     "bundled_gguf_path",
+    "check_chat_model",
     "default_cache_dir",
     "ensure_converted",
     "get_chat_model",
+    "resolve_spec",
     "is_bundled",
     "safe_name",
 ]
 
 
-def get_chat_model(spec: str) -> ChatModel:
-    """`local`, `local:<name or path>`, `openai` or `openai:<model>`; one instance per model per process."""
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """`local[:name or path]` / `openai[:model]` as (kind, model name), the settings' defaults filled in."""
     from services.common.settings import get_settings
 
     kind, _, name = spec.strip().partition(":")
@@ -60,18 +62,33 @@ def get_chat_model(spec: str) -> ChatModel:
     settings = get_settings()
     if kind == "local":
         name = name or settings.llm_model
-        return _chat_model(kind, DEFAULT_LOCAL_MODEL if is_bundled(name) else name)
+        return kind, DEFAULT_LOCAL_MODEL if is_bundled(name) else name
     if kind == "openai":
-        return _chat_model(kind, name or settings.openai_model)
+        return kind, name or settings.openai_model
     raise LLMError(f"unknown LLM {spec!r}: use local, local:<name or path>, openai or openai:<model>")
 
 
-@lru_cache(maxsize=8)
-def _chat_model(kind: str, name: str) -> ChatModel:
+def get_chat_model(spec: str) -> ChatModel:
+    """`local`, `local:<name or path>`, `openai` or `openai:<model>`; one instance per model per process."""
+    return _chat_model(*resolve_spec(spec))
+
+
+def check_chat_model(spec: str) -> None:
+    """LLMError when `spec` can never work, found cheaply (no model loaded, no server asked): an unknown
+    kind, `openai` with no server configured, a path that is not a model folder, the bundled model's
+    package missing. A hub id is taken on trust: the worker's cache or network decides."""
+    kind, name = resolve_spec(spec)
+    if kind == "openai":
+        _openai_model(name)  # the constructor refuses a missing base URL, naming the setting
+    elif is_bundled(name):
+        bundled_gguf_path()
+    else:
+        LocalChatModel.resolve_source(name)
+
+
+def _openai_model(name: str) -> OpenAIChatModel:
     from services.common.settings import get_settings
 
-    if kind == "local":
-        return LocalChatModel(name)
     settings = get_settings()
     return OpenAIChatModel(
         settings.openai_base_url or "",
@@ -80,3 +97,8 @@ def _chat_model(kind: str, name: str) -> ChatModel:
         timeout_s=settings.openai_timeout_s,
         retries=settings.openai_retries,
     )
+
+
+@lru_cache(maxsize=8)
+def _chat_model(kind: str, name: str) -> ChatModel:
+    return LocalChatModel(name) if kind == "local" else _openai_model(name)

@@ -70,7 +70,7 @@ class LocalChatModel:
             if is_bundled(self.name):
                 source: Path | str = ensure_converted(self.name, self.cache_dir)
             else:
-                source = self._resolve_other(self.name)
+                source = self.resolve_source(self.name)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(source))
                 model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
@@ -83,7 +83,8 @@ class LocalChatModel:
             log.info("loaded LLM %s from %s on %s in %.1f s", self.name, source, device, self.load_seconds)
 
     @staticmethod
-    def _resolve_other(name: str) -> Path | str:
+    def resolve_source(name: str) -> Path | str:
+        """A model folder (checked: it exists and holds config.json) or a hub id; LLMError otherwise."""
         path = Path(name).expanduser()
         if path.exists():
             if not (path / "config.json").is_file():
