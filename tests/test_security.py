@@ -19,13 +19,14 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from infra.servers.base import wait_until
 from tests.conftest import REPO_ROOT, Servers
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
@@ -349,26 +350,23 @@ def streamlit_process(address: str, env: dict[str, str], log: Path) -> Iterator[
             argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert process.poll() is None, f"streamlit exited {process.returncode}"
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+            return reply.status == 200
+
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+        wait_until(answers, 90, "streamlit", str(log))
         listening = {c.laddr.ip for c in psutil.Process(process.pid).net_connections() if c.status == "LISTEN"}
         assert address in listening, listening
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            if process.poll() is None:
+                os.killpg(process.pid, sig)
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=grace)
 
 
 @pytest.mark.slow
