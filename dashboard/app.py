@@ -1,18 +1,19 @@
 """m2io ops dashboard (Streamlit): overview, jobs, job detail, answers, collections, training, evaluation.
 
-Run: `streamlit run dashboard/app.py` (`m2io up` starts it on 127.0.0.1; compose publishes it with a
-password). Pages read their ids from the query string (`?page=answer&query=<id>`), so every view
-can be linked. Bound beyond localhost, nothing shows without the password from settings.
+Run: `streamlit run dashboard/app.py` (`m2io up` starts it on M2IO_DASHBOARD_HOST, 127.0.0.1 by
+default; compose publishes it with a password). Pages read their ids from the query string
+(`?page=answer&query=<id>`), so every view can be linked. Listening beyond localhost (Streamlit's
+`server.address`, which unset means every interface, or M2IO_DASHBOARD_HOST), nothing shows without
+the password from settings; wrong guesses are throttled.
 """
 
 from __future__ import annotations
 
-import hmac
-
 import streamlit as st
 
 from dashboard.views import answer, collections, evaluation, job_detail, jobs, overview, training
-from services.common.settings import load_settings
+from dashboard.views.common import password_ok
+from services.common.settings import LOOPBACK_HOSTS, Settings, load_settings
 
 # slug (in the URL) -> (title, page module)
 PAGES = {
@@ -24,22 +25,16 @@ PAGES = {
     "training": ("Training", training),
     "evaluation": ("Evaluation", evaluation),
 }
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def password_ok(expected: str | None) -> bool:
-    """With a password configured, nothing shows until it is given (compare in constant time)."""
-    if not expected:
-        return True
-    if st.session_state.get("authenticated"):
-        return True
-    given = st.text_input("Password", type="password")
-    if given and hmac.compare_digest(given.encode(), expected.encode()):
-        st.session_state["authenticated"] = True
-        return True
-    if given:
-        st.error("Wrong password.")
-    return False
+def exposed_address(settings: Settings) -> str | None:
+    """The address beyond this machine the dashboard listens on (None: loopback only). Streamlit's
+    own bind address decides, not a setting: unset, Streamlit listens on every interface."""
+    bound = st.get_option("server.address") or ""
+    for address in (bound, settings.dashboard_host):
+        if address not in LOOPBACK_HOSTS:
+            return address or "every interface"
+    return None
 
 
 def current_page() -> str:
@@ -61,9 +56,10 @@ def main() -> None:
     settings = load_settings()
     password = settings.dashboard_password.get_secret_value() if settings.dashboard_password else None
     st.sidebar.title("m2io")
-    if settings.dashboard_host not in LOOPBACK and not password:
+    exposed = exposed_address(settings)
+    if exposed and not password:
         st.error(
-            f"The dashboard is bound to {settings.dashboard_host}, beyond this machine, and no password is set: "
+            f"The dashboard is bound to {exposed}, beyond this machine, and no password is set: "
             "set M2IO_DASHBOARD_PASSWORD (or bind it to 127.0.0.1)."
         )
         st.stop()

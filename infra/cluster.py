@@ -16,7 +16,7 @@ import fcntl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from infra.processes import ProcessRecord, stop
+from infra.processes import ProcessRecord, stop, write_private
 from infra.servers.base import ClusterError, ClusterState, Echo, Health, Server
 from infra.servers.clients import Dashboard, Workers
 from infra.servers.postgres import Postgres
@@ -41,8 +41,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("# written by `m2io up`; holds secrets\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
-    tmp.chmod(0o600)
+    write_private(tmp, "# written by `m2io up`; holds secrets\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
     tmp.replace(path)
 
 
@@ -101,6 +100,7 @@ class LocalCluster:
 
     def ensure_servers(self, env: dict[str, str], echo: Echo) -> dict[str, str]:
         """Postgres, Redis and S3, each started unless it runs (or answers); `env` gains their settings."""
+        self.state.make_private(self.postgres.system_group())
         for server in self.servers:
             env.update(server.ensure(env, echo))
         return env

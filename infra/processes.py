@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -70,7 +71,7 @@ class ProcessTable:
 
     def put(self, record: ProcessRecord) -> None:
         tmp = self.path(record.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)))
+        write_private(tmp, json.dumps(asdict(record)))
         tmp.replace(self.path(record.name))
 
     def remove(self, name: str) -> None:
@@ -91,7 +92,26 @@ class ProcessTable:
         return None
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read (mode 0600 from its creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the source ports of outgoing connections (Linux's default otherwise)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on the port now. Probed with SO_REUSEADDR, as redis-server,
+    Postgres and SeaweedFS (Go) bind: a connection in TIME_WAIT on the port does not hold it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -128,12 +148,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(size: int, attempts: int = 500) -> int:
+    """A base port such that base .. base+size-1 are free, below the ephemeral range: there the
+    source port of some outgoing connection cannot take one of them before the server binds it."""
+    low, _ = ephemeral_port_range()
+    candidates = range(20000, low - size) if low > 21000 + size else range(10000, 65535 - size)
+    for _ in range(attempts):
+        base = random.choice(candidates)
+        if all(port_is_free(port) for port in range(base, base + size)):
+            return base
+    raise PortTaken(f"no {size} consecutive free ports below {low}")
+
+
 def ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
         return pwd.getpwnam(name)
+
+
+def run_as(user: str | None) -> dict:
+    """Popen arguments that run a process as `user`, with that user's own group and no other (so that
+    it gets what the group may, like traversing a state dir of mode 0710, and nothing of ours)."""
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
 def spawn(
@@ -150,7 +190,10 @@ def spawn(
 ) -> ProcessRecord:
     """Start a process detached from us (own session), log to `log`, and record its pid file."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as log_file:
+    # Logs hold document text and errors: readable by their owner only.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log_file:
         log_file.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {' '.join(argv)}\n".encode())
         log_file.flush()
         process = subprocess.Popen(
@@ -160,8 +203,8 @@ def spawn(
             stderr=subprocess.STDOUT,
             env=env,
             cwd=cwd,
-            user=user,
             start_new_session=True,
+            **run_as(user),
         )
     record = ProcessRecord(
         name=name,

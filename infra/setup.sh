@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# openssl: certificates for the gRPC ports of the local SeaweedFS (mTLS)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # the browser test drives this chromium through Playwright (whose own browser download is not used)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -22,14 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port_block(size: int) -> int:
-    """A base port such that base .. base+size-1 are free (SeaweedFS needs a block)."""
-    from infra.processes import free_port, port_is_free
+    """A base port such that base .. base+size-1 are free (SeaweedFS needs a block), below the
+    ephemeral range, where an outgoing connection's source port cannot take one meanwhile."""
+    from infra.processes import free_port_block as below_ephemeral_range
 
-    for _ in range(200):
-        base = free_port()
-        if base + size < 65535 and all(port_is_free(base + offset) for offset in range(size)):
-            return base
-    raise RuntimeError("no block of free ports")
+    return below_ephemeral_range(size)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -39,14 +40,6 @@ SMOKE = ("smoke", "--no-start", "--timeout", "60")
 # --- ports ----------------------------------------------------------------------------------------
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def _is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -70,7 +63,9 @@ def pick_ports() -> tuple[int, int, int]:
     finally:
         for sock in sockets:
             sock.close()
-    low, _ = _ephemeral_range()
+    from infra.processes import ephemeral_port_range
+
+    low, _ = ephemeral_port_range()
     candidates = range(20000, low - S3_PORT_SPAN) if low > 21000 else range(10000, 65535 - S3_PORT_SPAN)
     for _ in range(500):
         base = random.choice(candidates)
@@ -325,7 +320,9 @@ def test_up_starts_everything(cluster: Cluster) -> None:
     assert "pgvector" in rows["postgres"]["detail"]
     env_file = cluster.state_dir / "cluster.env"
     assert env_file.stat().st_mode & 0o077 == 0, "cluster.env holds secrets: it must be private"
-    assert f"redis://127.0.0.1:{cluster.redis_port}/0" in env_file.read_text()
+    # The local Redis's URL, with the password `up` generated for it (issue 17).
+    redis_url = rf"M2IO_REDIS_URL=redis://:[0-9a-f]{{32}}@127\.0\.0\.1:{cluster.redis_port}/0"
+    assert re.search(redis_url, env_file.read_text())
 
 
 @pytest.mark.slow

@@ -29,7 +29,13 @@ CPU_OVERRIDE = REPO_ROOT / "compose.cpu.yaml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 
 # The variables without which compose must refuse to render the cluster.
-REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "M2IO_DASHBOARD_PASSWORD")
+REQUIRED_SECRETS = (
+    "POSTGRES_PASSWORD",
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+    "M2IO_DASHBOARD_PASSWORD",
+    "REDIS_PASSWORD",
+)
 GPU_WORKERS = {"inserter", "trainer"}
 WORKER_APP = "services.common.celery_app"
 
@@ -300,3 +306,28 @@ def test_env_example_holds_no_secret():
             assert value == "", f".env.example gives {name} a value; leave secrets empty"
     text = ENV_EXAMPLE.read_text()
     assert "openssl rand -hex 16" in text
+
+
+def test_redis_requires_its_password():
+    """Compose's Redis has a password (from .env, given on stdin, not in any `ps`), which the m2io
+    services' URL carries; a placeholder in that URL is refused by the settings."""
+    password = f"test-{secrets.token_hex(8)}"
+    result = run_compose("config", "--format", "json", env=compose_env(REDIS_PASSWORD=password))
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    redis = services["redis"]
+    assert redis["environment"]["REDIS_PASSWORD"] == password
+    assert password not in json.dumps(redis["command"]) and "requirepass" in " ".join(redis["command"])
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    for name in ("migrate", "dashboard", *stage_queues()):
+        assert services[name]["environment"]["M2IO_REDIS_URL"] == f"redis://:{password}@redis:6379/0", name
+    _assert_refused_without("REDIS_PASSWORD", "")
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from pydantic import ValidationError
+
+    from services.common.settings import Settings
+
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(redis_url="redis://:changeme@redis:6379/0")
+    assert Settings(redis_url=f"redis://:{password}@redis:6379/0").redis_url.endswith("@redis:6379/0")

@@ -8,6 +8,18 @@ from streamlit.testing.v1 import AppTest
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
 
+@pytest.fixture(autouse=True)
+def _listening_on_loopback():
+    """AppTest runs the script in this process, where Streamlit's `server.address` is unset, which
+    means every interface: bind it to 127.0.0.1, as `m2io up` does (tests of other binds set theirs)."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", before)
+
+
 @pytest.mark.slow
 def test_overview_shows_servers_workers_and_queues(workers):
     workers.start("generator")

@@ -63,6 +63,25 @@ class ClusterState:
         self.table = ProcessTable(self.dir / "run")
         self.logs = self.dir / "logs"
 
+    def make_private(self, group_id: int | None = None) -> None:
+        """No other user may read the state (logs hold document text; cluster.env, pid files and keys
+        are secrets): the state dir and run/ are 0700, or 0710 with `group_id` (the group of the
+        Postgres system user) so that Postgres reaches its data dir and its socket dir in run/, each
+        private to it; logs/ is 0700 whatever runs."""
+        for path in (self.dir, self.table.run_dir, self.logs):
+            path.mkdir(parents=True, exist_ok=True)
+            shared = group_id is not None and path != self.logs
+            if shared:
+                os.chown(path, -1, group_id)
+            path.chmod(0o710 if shared else 0o700)
+
+    def private_dir(self, name: str) -> Path:
+        """A folder of the state dir (a server's data) that only its owner can enter."""
+        path = self.dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+        return path
+
     def process_env(self, env: dict[str, str]) -> dict[str, str]:
         """The environment of a process we start that reads the cluster's settings (workers, dashboard)."""
         return {**os.environ, **env, "M2IO_STATE_DIR": str(self.dir), "HF_HUB_OFFLINE": "1"}

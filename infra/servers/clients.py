@@ -7,10 +7,11 @@ import urllib.request
 from collections.abc import Callable
 
 from infra.processes import require_free_ports, spawn
-from infra.servers.base import REPO_ROOT, ClusterState, Echo, Health, Server
+from infra.servers.base import REPO_ROOT, ClusterError, ClusterState, Echo, Health, Server
 from infra.servers.redis import broker_url
 from services.common.health import online_workers, workers_of
 from services.common.queues import Stage
+from services.common.settings import LOOPBACK_HOSTS
 
 DASHBOARD_APP = REPO_ROOT / "dashboard" / "app.py"
 
@@ -75,22 +76,33 @@ class Dashboard(Server):
     def ensure(self, env: dict[str, str], echo: Echo) -> dict[str, str]:
         if not self.start or self.state.table.live("dashboard"):
             return {}
-        port = self.state.settings.dashboard_port
+        settings = self.state.settings
+        host, port = settings.dashboard_host, settings.dashboard_port
+        if host not in LOOPBACK_HOSTS and settings.dashboard_password is None:
+            raise ClusterError(
+                f"the dashboard would listen on {host}, beyond this machine, without a password: "
+                "set M2IO_DASHBOARD_PASSWORD, or M2IO_DASHBOARD_HOST=127.0.0.1"
+            )
         require_free_ports({"dashboard": port}, "M2IO_DASHBOARD_PORT")
-        argv = [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP), "--server.address", "127.0.0.1"]
+        argv = [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP), "--server.address", host]
         argv += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
         log = self.state.logs / "dashboard.log"
         process_env = self.state.process_env(env)
         record = spawn(self.state.table, "dashboard", argv, log, port=port, env=process_env, cwd=REPO_ROOT)
-        echo(f"dashboard: http://127.0.0.1:{port} (pid {record.pid})")
+        echo(f"dashboard: http://{self.reach_host()}:{port} (pid {record.pid})")
         return {}
+
+    def reach_host(self) -> str:
+        """Where this machine reaches the dashboard: its address, or loopback when it listens everywhere."""
+        host = self.state.settings.dashboard_host
+        return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
     def probe(self, env: dict[str, str]) -> list[Health]:
         # Shown whenever the app exists: `up --no-dashboard` leaves it absent, not hidden.
         return [self.state.row("dashboard", self.answers)] if DASHBOARD_APP.exists() else []
 
     def answers(self) -> tuple[str, str]:
-        url = f"http://127.0.0.1:{self.state.settings.dashboard_port}/_stcore/health"
+        url = f"http://{self.reach_host()}:{self.state.settings.dashboard_port}/_stcore/health"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return ("healthy", url) if response.status == 200 else ("unhealthy", f"HTTP {response.status}")

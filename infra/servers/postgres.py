@@ -14,12 +14,19 @@ from pathlib import Path
 
 import psycopg
 
-from infra.processes import ProcessRecord, ensure_system_user, require_free_ports, spawn
+from infra.processes import ProcessRecord, ensure_system_user, require_free_ports, run_as, spawn, write_private
 from infra.servers.base import ClusterError, ClusterState, Echo, Health, Server, as_state, wait_until
 from services.common.health import probe_postgres
 
 POSTGRES_SYSTEM_USER = "m2io-postgres"  # Postgres refuses to run as root
 LOCAL_DATABASE = "m2io"
+# Written at every start (so a data dir initialised with `trust` by an older m2io is fixed too): a
+# password on every connection, the Unix socket included, and `trust` nowhere.
+PG_HBA = """# written by `m2io up` at every start: SCRAM passwords on every connection, trust nowhere
+local  all  all                scram-sha-256
+host   all  all  127.0.0.1/32  scram-sha-256
+host   all  all  ::1/128       scram-sha-256
+"""
 
 
 def postgres_install_dir() -> Path:
@@ -33,7 +40,7 @@ def postgres_install_dir() -> Path:
 def accessible_as(user: str | None, path: Path) -> bool:
     if user is None:
         return os.access(path, os.R_OK | os.X_OK)
-    probe = subprocess.run(["test", "-r", str(path), "-a", "-x", str(path)], user=user, check=False)
+    probe = subprocess.run(["test", "-r", str(path), "-a", "-x", str(path)], check=False, **run_as(user))
     return probe.returncode == 0
 
 
@@ -68,6 +75,15 @@ class Postgres(Server):
     def managed_names(self) -> list[str]:
         return [] if self.external else self.names()
 
+    def system_user(self) -> str | None:
+        """The user Postgres runs as, when it is not us: Postgres refuses to run as root."""
+        return POSTGRES_SYSTEM_USER if os.geteuid() == 0 and not self.external else None
+
+    def system_group(self) -> int | None:
+        """The group that may traverse the state dir to Postgres's own folders (None: nobody else)."""
+        user = self.system_user()
+        return ensure_system_user(user).pw_gid if user else None
+
     def ensure(self, env: dict[str, str], echo: Echo) -> dict[str, str]:
         if self.external:
             echo("postgres: external (M2IO_DATABASE_URL)")
@@ -80,7 +96,7 @@ class Postgres(Server):
         }
         if self.state.table.live("postgres"):
             return values
-        user = POSTGRES_SYSTEM_USER if os.geteuid() == 0 else None
+        user = self.system_user()
         owner = ensure_system_user(user) if user else None
         bin_dir = postgres_bin_dir(self.state.dir, user)
         data_dir = self.state.dir / "postgres"
@@ -88,13 +104,16 @@ class Postgres(Server):
             echo(f"postgres: initialising {data_dir}")
             self.initdb(bin_dir, data_dir, password, user, owner)
         require_free_ports({"postgres": port}, "M2IO_LOCAL_POSTGRES_PORT, or M2IO_DATABASE_URL for your own server")
-        socket_dir = self.state.dir / "run" / "pgsocket"
+        self.write_hba(data_dir, owner)
+        # Postgres's own: no other user may even reach the socket (m2io's processes use TCP).
+        socket_dir = self.state.table.run_dir / "pgsocket"
         socket_dir.mkdir(parents=True, exist_ok=True)
         if owner:
             os.chown(socket_dir, owner.pw_uid, owner.pw_gid)
+        socket_dir.chmod(0o700)
         log = self.state.logs / "postgres.log"
         argv = [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1"]
-        argv += ["-k", str(socket_dir), "-c", "max_connections=200"]
+        argv += ["-k", str(socket_dir), "-c", "unix_socket_permissions=0700", "-c", "max_connections=200"]
 
         def start_postmaster() -> ProcessRecord:
             return spawn(self.state.table, "postgres", argv, log, port=port, user=user)
@@ -127,22 +146,29 @@ class Postgres(Server):
     def initdb(
         self, bin_dir: Path, data_dir: Path, password: str, user: str | None, owner: pwd.struct_passwd | None
     ) -> None:
-        """A new data dir: superuser `postgres` with `password`, password auth over TCP."""
+        """A new data dir: superuser `postgres` with `password`, password (SCRAM) auth on every connection."""
         data_dir.mkdir(parents=True, exist_ok=True)
         password_file = self.state.dir / "pg-password.tmp"
-        password_file.write_text(password)
+        write_private(password_file, password)
         if owner:
             os.chown(data_dir, owner.pw_uid, owner.pw_gid)
             os.chown(password_file, owner.pw_uid, owner.pw_gid)
         password_file.chmod(0o600)
         argv = [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--encoding=UTF8"]
-        argv += ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"]
+        argv += ["--auth=scram-sha-256", f"--pwfile={password_file}"]
         try:
-            subprocess.run(argv, check=True, capture_output=True, user=user, text=True)
+            subprocess.run(argv, check=True, capture_output=True, text=True, **run_as(user))
         except subprocess.CalledProcessError as error:
             raise ClusterError(f"initdb failed: {error.stderr.strip()}") from error
         finally:
             password_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def write_hba(data_dir: Path, owner: pwd.struct_passwd | None) -> None:
+        hba = data_dir / "pg_hba.conf"
+        write_private(hba, PG_HBA)
+        if owner:
+            os.chown(hba, owner.pw_uid, owner.pw_gid)
 
     def probe(self, env: dict[str, str]) -> list[Health]:
         if self.external:

