@@ -205,15 +205,15 @@ class Client:
     def ingest_runs(self, limit: int = 20) -> list[dict[str, Any]]:
         """Recent ingest runs with their item counts; a run whose documents are all done is closed."""
         from services.common.models import IngestRun
-        from services.retriever.ingest_runs import finish_run, item_counts
+        from services.retriever.ingest_runs import finish_run, item_counts, run_state
 
         with session_scope() as session:
             runs = session.scalars(select(IngestRun).order_by(IngestRun.created_at.desc()).limit(limit)).all()
         listed = []
         for run in runs:
             counts = item_counts(run.id)
-            status = run.status
-            if status == "running" and not counts.get("pending"):
+            status = run_state(run.status, counts)  # from its items: a run whose worker died is not left behind
+            if run.status == "running" and not counts.get("pending"):
                 status = finish_run(run.id).status
             listed.append(
                 {

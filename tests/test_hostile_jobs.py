@@ -10,6 +10,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
 
 from sqlalchemy import func, select
@@ -260,3 +262,20 @@ def test_search_options_and_questions_files(servers, tmp_path):
     assert "line 2 skipped: invalid UTF-8 at byte 31" in searched.stderr
     (answered,) = [json.loads(line) for line in searched.stdout.splitlines() if line.startswith("{")]
     assert answered["id"] == "ok" and len(answered["passages"]) == 2
+
+
+def test_no_server_configured_at_all_is_one_line_too(tmp_path):
+    """No `m2io up` cluster and no M2IO_* setting: the commands say what to do, without a traceback."""
+    bare = {key: value for key, value in os.environ.items() if not key.startswith("M2IO_")}
+    env = {**bare, "M2IO_STATE_DIR": str(tmp_path / "nothing-here"), "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
+    for args in (("status",), ("export", str(uuid.uuid4()), "--out", str(tmp_path / "out"))):
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert_one_line_error(result, "no database configured", "`m2io up`", "M2IO_DATABASE_URL")
+
+
+def test_ingest_refuses_an_empty_collection_name(tmp_path):
+    assert_one_line_error(
+        m2io("ingest", str(write_markdown_corpus(tmp_path / "corpus")), "--collection", " "), "--collection is empty"
+    )

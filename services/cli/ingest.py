@@ -23,7 +23,7 @@ def ingest(
     """Ingest documents with images: images verified and stored in S3, documents indexed by retriever workers."""
     from services.client import Client
 
-    ingest_corpus(Client(), path, collection, model, wait=wait, timeout=timeout)
+    ingest_corpus(Client(), path, collection_name(collection), model, wait=wait, timeout=timeout)
 
 
 def ingest_status(run_id: Annotated[str, typer.Argument(help="the ingest run id `m2io ingest` printed")]) -> None:

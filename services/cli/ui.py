@@ -107,10 +107,14 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     not what it should be) printed as one `error:` line, exit code 1, no traceback. Anything else
     is a bug and keeps its traceback."""
 
+    from services.common.settings import NotConfigured
+
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except NotConfigured as error:
+            raise fail(str(error)) from None
         except server_error_types() as error:
             raise fail(server_error(error)) from None
         except OSError as error:  # a path that is a file, not a folder; no permission; ...

@@ -28,6 +28,10 @@ def state_dir_from_env() -> Path:
     return Path(os.environ.get("M2IO_STATE_DIR", ".m2io")).resolve()
 
 
+class NotConfigured(RuntimeError):
+    """A server the command needs is configured nowhere (no `m2io up` cluster, no M2IO_* setting)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="M2IO_", extra="ignore", env_file_encoding="utf-8")
 
@@ -132,12 +136,12 @@ class Settings(BaseSettings):
 
     def require_database_url(self) -> str:
         if not self.database_url:
-            raise RuntimeError("no database configured: run `m2io up` or set M2IO_DATABASE_URL")
+            raise NotConfigured("no database configured: run `m2io up` or set M2IO_DATABASE_URL")
         return self.database_url
 
     def require_s3(self) -> tuple[str, str, str]:
         if not (self.s3_endpoint and self.s3_access_key and self.s3_secret_key):
-            raise RuntimeError(
+            raise NotConfigured(
                 "no S3 server configured: run `m2io up` or set M2IO_S3_ENDPOINT, M2IO_S3_ACCESS_KEY, M2IO_S3_SECRET_KEY"
             )
         return self.s3_endpoint, self.s3_access_key, self.s3_secret_key.get_secret_value()
