@@ -13,6 +13,8 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # openssl: certificates for the gRPC ports of the local SeaweedFS (mTLS)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# curl: tests/test_security.py tries every SeaweedFS port the way another local user would
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # the browser test drives this chromium through Playwright (whose own browser download is not used)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
