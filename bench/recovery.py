@@ -217,11 +217,13 @@ def main() -> None:
                     pool.start(stage.value)
                 pool.wait_ready()
             results[stage.value] = {**summarise(trials), "runs": trials} if trials else {"trials": 0}
-            for worker in pool.live(stage.value)[1:]:
+            for worker in pool.live(stage.value)[1:]:  # back to one worker of the stage
                 os.killpg(worker.process.pid, signal.SIGTERM)
+                worker.process.wait(timeout=60)
     finally:
         pool.stop_all()
         cluster.ensure_workers(cluster.cluster_env(), echo=lambda line: print(line, flush=True))
+    earlier = json.loads(args.out.read_text()).get("stages", {}) if args.out.exists() else {}
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {
@@ -230,7 +232,7 @@ def main() -> None:
             "worker_heartbeat_s": settings.worker_heartbeat_s,
             "worker_heartbeat_ttl_s": settings.worker_heartbeat_ttl_s,
         },
-        "stages": results,
+        "stages": {**earlier, **results},  # a run of some stages keeps the others' results
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
