@@ -45,14 +45,19 @@ QUESTIONS = [
 BACKENDS = {"generator": "extractive", "inserter": "rule"}  # fast and deterministic: the faults are the subject
 
 
-@pytest.fixture(scope="module")
-def collection(servers, tmp_path_factory) -> str:
+def ingest_fault_corpus(tmp_path_factory, prefix: str = "faults") -> str:
+    """A small Markdown corpus ingested in this process into a fresh collection; returns its name."""
     from tests.corpus_fixtures import write_markdown_corpus
     from tests.test_ingest import ingest_in_process
 
-    name = f"faults-{uuid.uuid4().hex[:8]}"
-    ingest_in_process(write_markdown_corpus(tmp_path_factory.mktemp("faults") / "corpus"), name)
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    ingest_in_process(write_markdown_corpus(tmp_path_factory.mktemp(prefix) / "corpus"), name)
     return name
+
+
+@pytest.fixture(scope="module")
+def collection(servers, tmp_path_factory) -> str:
+    return ingest_fault_corpus(tmp_path_factory)
 
 
 def submit(collection: str, count: int, label: str) -> uuid.UUID:

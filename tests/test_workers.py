@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from services.common.celery_app import app
 from services.common.db import session_scope
@@ -187,3 +187,64 @@ def test_redelivered_message_of_a_finished_stage_does_nothing_new(workers):
     wait_for(lambda: runs_by_status(marker.query_id, Stage.GENERATOR).get("succeeded"), 30, "the marker")
     runs = stage_runs_of(probe.query_id)
     assert len(runs) == 1 and runs[0].status == "succeeded"
+
+
+def raw_envelope(redis_client, **changes) -> bytes:
+    """A real message as a producer sends it (a `merger.smoke`, popped back from the merger queue, which
+    no worker of these tests consumes), with fields of the envelope replaced."""
+    import json
+
+    app.send_task("merger.smoke", args=[{"query_id": str(uuid.uuid4())}])
+    envelope = json.loads(wait_for(lambda: redis_client.rpop(Stage.MERGER.queue), 10, "the message"))
+    envelope.update(changes)
+    return json.dumps(envelope).encode()
+
+
+def test_undecodable_raw_messages_are_dead_lettered_and_the_worker_serves_on(workers):
+    """Raw items LPUSHed into a stage's queue, as `redis-cli lpush generator 'not json {'` would: each one is
+    recorded in `dead_letters` (the raw text, the queue, a readable error) and the worker serves on; before,
+    the first one killed the worker with `Unrecoverable error: JSONDecodeError`."""
+    import base64
+
+    import redis
+
+    from services.common.settings import get_settings
+
+    client = redis.Redis.from_url(get_settings().redis_url)
+    worker = workers.start(Stage.GENERATOR.value)
+    with session_scope() as session:
+        before = session.scalar(select(func.coalesce(func.max(DeadLetter.id), 0)))
+    encoded = base64.b64encode
+    shapes = {
+        b"not json {": "not JSON (Expecting value at character 0)",
+        b"[1,2]": "a JSON list, not a message",
+        b'{"task": "generator.generate", "args": []}': "not a kombu message: no properties.delivery_tag",
+        b'"just a string"': "a JSON str, not a message",
+        b"\xff\xfe\x00 not text": "not",  # not UTF-8 (or not JSON): either way refused
+        b"nul \x00 inside": "not JSON",
+        b"x" * (2 << 20): "the message is 2,097,152 bytes (limit 1,048,576)",
+        raw_envelope(client, body=encoded(b"not json {").decode()): "the body is not JSON",
+        raw_envelope(client, body="%%% not base64 %%%"): "the body is not base64",
+        raw_envelope(client, body=encoded(b"[1, 2]").decode()): "the body is not Celery's [args, kwargs, options]",
+        raw_envelope(client, headers=None): "not a Celery task message",
+        raw_envelope(client, headers=[1, 2]): "headers is not an object",
+        raw_envelope(client, properties={"delivery_tag": 7}): "no properties.delivery_tag",
+    }
+    for raw in shapes:
+        client.lpush(Stage.GENERATOR.queue, raw)
+
+    def letters() -> list[DeadLetter]:
+        with session_scope() as session:
+            return list(session.scalars(select(DeadLetter).where(DeadLetter.id > before).order_by(DeadLetter.id)))
+
+    found = wait_for(lambda: len(got := letters()) >= len(shapes) and got, 60, "a dead letter for every raw item")
+    assert len(found) == len(shapes)
+    for letter, (raw, words) in zip(found, shapes.items(), strict=True):  # FIFO: one worker, one queue
+        assert letter.queue == Stage.GENERATOR.value
+        assert letter.error.startswith("undecodable message: ") and words in letter.error, (raw[:80], letter.error)
+        assert letter.payload == raw[:10_000].decode("utf-8", "replace").replace("\x00", "\\x00")
+    assert worker.process.poll() is None
+    assert "Unrecoverable error" not in worker.log.read_text()
+    probe = create_probe_query().model_copy(update={"chain": False})
+    send_probe(Stage.GENERATOR, probe)
+    wait_for(lambda: runs_by_status(probe.query_id, Stage.GENERATOR).get("succeeded"), 30, "a good message")

@@ -89,6 +89,7 @@ def render(settings) -> None:
                     "stage": s.stage,
                     "done": s.succeeded,
                     "running": s.running + s.retrying,
+                    "waiting for redelivery": s.waiting,
                     "pending": s.pending,
                     "failed": s.failed,
                     "redelivered": s.lost,
@@ -101,6 +102,12 @@ def render(settings) -> None:
             hide_index=True,
             width="stretch",
         )
+        waiting = [f"{s.stage} ({s.waiting})" for s in current.stages if s.waiting]
+        if waiting:
+            st.warning(
+                f"Waiting for redelivery: {', '.join(waiting)}. The worker running these stopped; their messages "
+                "go back to the queue within seconds, for the next worker of the stage."
+            )
         rows = query_rows(job_id)
         # Numbered so the chart's legend (sorted by name) keeps the pipeline's order.
         timings = pd.DataFrame(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 
 import pandas as pd
@@ -13,16 +14,20 @@ from services.common.health import online_workers, probe_postgres, probe_redis, 
 from services.common.models import StageRun
 from services.common.queues import Stage
 from services.common.stage_runs import now
+from services.jobs.status import worker_gone
 
 
-def in_flight() -> dict[str, int]:
-    """Stage attempts running right now, per stage (from the stage-run rows)."""
+def in_flight() -> tuple[Counter, Counter]:
+    """Stage attempts running right now, per stage (from the stage-run rows), and those of them whose worker
+    is gone (waiting for their message's redelivery, from the workers' heartbeats)."""
     with session_scope() as session:
-        return dict(
-            session.execute(
-                select(StageRun.stage, func.count()).where(StageRun.status == "running").group_by(StageRun.stage)
-            ).all()
-        )
+        rows = session.execute(
+            select(StageRun.stage, StageRun.worker, StageRun.started_at).where(StageRun.status == "running")
+        ).all()
+    gone = worker_gone() if rows else None
+    running = Counter(row.stage for row in rows)
+    waiting = Counter(row.stage for row in rows if gone is not None and gone(row.worker, row.started_at))
+    return running, waiting
 
 
 def throughput_last_hour() -> pd.DataFrame:
@@ -63,7 +68,7 @@ def render(settings) -> None:
     if broker_error:
         st.error(f"Cannot reach the workers through Redis: {broker_error}")
     depths = queue_depths(settings.redis_url)
-    running = in_flight()
+    running, waiting = in_flight()
     rows = []
     for stage in Stage:
         names = workers_of(stage, online)
@@ -73,12 +78,18 @@ def render(settings) -> None:
                 "queue": stage.queue,
                 "workers online": len(names),
                 "waiting messages": depths[stage.queue],
-                "in flight": running.get(stage.value, 0),
+                "in flight": running[stage.value] - waiting[stage.value],
+                "waiting for redelivery": waiting[stage.value],
                 "workers": ", ".join(names) or "none",
             }
         )
     st.subheader("Workers and queues")
     st.dataframe(rows, hide_index=True, width="stretch")
+    if sum(waiting.values()):
+        st.warning(
+            f"{sum(waiting.values())} stage attempts are waiting for redelivery: their worker stopped, and their "
+            "messages go back to the queue within seconds for the next worker of the stage."
+        )
     missing = [row["stage"] for row in rows if row["workers online"] == 0]
     if missing:
         st.warning(f"No worker online for: {', '.join(missing)}. Messages wait in their queues until one starts.")

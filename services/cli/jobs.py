@@ -125,13 +125,24 @@ def print_status(found) -> None:
         + (f", {found.questions_per_s:.2f} questions/s" if found.questions_per_s else "")
     )
     table = Table(
-        "stage", "done", "running", "pending", "failed", "redelivered", "p50", "p99", "queue wait p50", title="stages"
+        "stage",
+        "done",
+        "running",
+        "waiting for redelivery",
+        "pending",
+        "failed",
+        "redelivered",
+        "p50",
+        "p99",
+        "queue wait p50",
+        title="stages",
     )
     for stage in found.stages:
         table.add_row(
             stage.stage,
             str(stage.succeeded),
             str(stage.running + stage.retrying),
+            f"[yellow]{stage.waiting}[/yellow]" if stage.waiting else "0",
             str(stage.pending),
             str(stage.failed),
             str(stage.lost),
@@ -140,6 +151,12 @@ def print_status(found) -> None:
             seconds(stage.wait_p50_s),
         )
     console.print(table)
+    waiting = [f"{stage.stage} ({stage.waiting})" for stage in found.stages if stage.waiting]
+    if waiting:
+        console.print(
+            f"[yellow]waiting for redelivery: {', '.join(waiting)}: their worker stopped; their messages go "
+            "back to the queue within seconds, for the next worker of the stage[/yellow]"
+        )
     if found.end_to_end_p50_s is not None:
         console.print(
             f"end to end per question: p50 {seconds(found.end_to_end_p50_s)}, p99 {seconds(found.end_to_end_p99_s)}"

@@ -5,6 +5,7 @@ Each probe returns a `Probe`: healthy or not, and a detail a person can act on. 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import psycopg
@@ -12,6 +13,15 @@ import redis
 
 from services.common.queues import Stage
 from services.common.settings import Settings
+
+# Each worker process keeps `m2io:heartbeat:<incarnation>` alive (services/common/celery_app.py) and lists
+# the delivery tags it holds in `m2io:held:<unacked key>:<incarnation>`.
+HEARTBEAT_PREFIX = "m2io:heartbeat:"
+HELD_PREFIX = "m2io:held:"
+
+
+def heartbeat_key(incarnation: str) -> str:
+    return HEARTBEAT_PREFIX + incarnation
 
 
 @dataclass(frozen=True)
@@ -77,3 +87,22 @@ def queue_depths(redis_url: str) -> dict[str, int | None]:
         return {stage.queue: int(client.llen(stage.queue)) for stage in Stage}
     except redis.RedisError:
         return {stage.queue: None for stage in Stage}
+
+
+def worker_heartbeats(redis_url: str) -> dict[str, list[float]] | None:
+    """The workers whose heartbeat is alive, each with the start times (its host's clock, Unix seconds) of
+    its live incarnations; None when Redis does not answer (then nothing can be said of any worker)."""
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+        keys = list(client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=200))
+        values = client.mget(keys) if keys else []
+    except redis.RedisError:
+        return None
+    alive: dict[str, list[float]] = {}
+    for value in values:
+        try:
+            beat = json.loads(value) if value else None
+            alive.setdefault(str(beat["worker"]), []).append(float(beat["since"]))
+        except (ValueError, TypeError, KeyError):
+            continue  # expired between SCAN and MGET, or not ours
+    return alive

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values people paste from examples; a deployment that still carries one is refused at start-up.
@@ -59,10 +59,21 @@ class Settings(BaseSettings):
 
     # Celery: with the Redis broker an unacknowledged message whose worker died is delivered again
     # after this many seconds. It must exceed the longest stage task, or a slow task is re-run
-    # while still running (tasks are idempotent, so that costs time, not correctness).
+    # while still running (tasks are idempotent, so that costs time, not correctness). The backstop:
+    # a dead worker's messages normally come back when its heartbeat stops (below).
     visibility_timeout_s: int = 300
-    # How often each worker sweeps for such messages (kombu's default sweep is ~100 s).
-    unacked_restore_interval_s: int = 10
+    # How often each worker sweeps for such messages, and for the messages of workers whose heartbeat
+    # stopped (kombu's default sweep is ~100 s).
+    unacked_restore_interval_s: int = 5
+    # Each worker writes a heartbeat key this often, with this TTL: a worker silent for the TTL is taken
+    # for dead and the messages it held go back to their queues at the next sweep. Recovery after kill -9
+    # takes about TTL + sweep interval (bench/README.md); the TTL leaves room for several missed beats on
+    # a busy machine (a false alarm costs a duplicate attempt, never a second success).
+    worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_heartbeat_ttl_s: float = Field(default=10.0, gt=0)
+    # The trainer's own visibility timeout: a GRPO run holds its message for minutes to hours, and must not
+    # be delivered again while its worker lives (a dead trainer's message comes back by its heartbeat).
+    trainer_visibility_timeout_s: int = 86_400
 
     # HNSW beam width of vector searches: recall@10 0.98 at 100k vectors with 100; at 1M clustered
     # vectors 100 gives 0.69 and 800 gives 0.94 (bench/README.md). Raise it for large collections.
@@ -133,6 +144,12 @@ class Settings(BaseSettings):
         if value and value.startswith("postgres://"):
             return "postgresql+psycopg://" + value.removeprefix("postgres://")
         return value
+
+    @model_validator(mode="after")
+    def heartbeat_outlives_beats(self) -> Settings:
+        if self.worker_heartbeat_ttl_s < 2 * self.worker_heartbeat_s:
+            raise ValueError("worker_heartbeat_ttl_s must be at least twice worker_heartbeat_s (late beats happen)")
+        return self
 
     def require_database_url(self) -> str:
         if not self.database_url:

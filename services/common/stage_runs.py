@@ -123,22 +123,33 @@ def fail_attempt(run_id: int, error: str, *, retrying: bool) -> None:
 def record_dead_letter(
     task_name: str, payload: Any, error: str, *, queue: str | None, task_id: str | None, worker: str | None
 ) -> int:
-    try:
-        text = json.dumps(payload, default=repr)
-    except (TypeError, ValueError):
-        text = repr(payload)
+    """Record a refused message. `payload` is the message as received: a raw text is kept as it is, anything
+    else as JSON. Every field is cut to its column and NUL escaped (Postgres text cannot hold it): a hostile
+    message is recorded, never a second failure."""
+    if isinstance(payload, str):
+        text = payload
+    else:
+        try:
+            text = json.dumps(payload, default=repr)
+        except (TypeError, ValueError):
+            text = repr(payload)
     with session_scope() as session:
         letter = DeadLetter(
-            task_name=task_name,
-            queue=queue,
-            task_id=task_id,
-            payload=text[:MAX_RECORDED_PAYLOAD],
-            error=error[:MAX_ERROR_LENGTH],
-            worker=worker,
+            task_name=storable(task_name, 200),
+            queue=storable(queue, 50),
+            task_id=storable(task_id, 200),
+            payload=storable(text, MAX_RECORDED_PAYLOAD),
+            error=storable(error, MAX_ERROR_LENGTH),
+            worker=storable(worker, 300),
         )
         session.add(letter)
         session.flush()
         return letter.id
+
+
+def storable(value: str | None, limit: int) -> str | None:
+    """`value` cut to `limit` characters, with NUL written as `\\x00`."""
+    return None if value is None else str(value)[:limit].replace("\x00", "\\x00")[:limit]
 
 
 class StageOutputMissing(LookupError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -17,8 +18,10 @@ from sqlalchemy import func, select
 
 from services.common.contracts import JobConfig
 from services.common.db import session_scope
+from services.common.health import worker_heartbeats
 from services.common.models import Collection, Job, Query, StageRun
 from services.common.queues import PIPELINE
+from services.common.settings import get_settings
 from services.common.stage_runs import now
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -43,6 +46,7 @@ class StageSummary(BaseModel):
     stage: str
     succeeded: int = 0
     running: int = 0
+    waiting: int = 0  # running attempts whose worker is gone: waiting for their message's redelivery
     retrying: int = 0
     failed: int = 0
     pending: int = 0  # not started (or waiting for an earlier stage)
@@ -155,20 +159,45 @@ def job_status(job_id: str | uuid.UUID, *, detail: bool = True) -> JobStatus:
             ).where(Query.job_id == job_id)
         ).all()
         runs = session.execute(
-            select(StageRun.query_id, StageRun.stage, StageRun.status, StageRun.started_at, StageRun.finished_at)
+            select(
+                StageRun.query_id,
+                StageRun.stage,
+                StageRun.status,
+                StageRun.started_at,
+                StageRun.finished_at,
+                StageRun.worker,
+            )
             .join(Query, Query.id == StageRun.query_id)
             .where(Query.job_id == job_id)
             .order_by(StageRun.attempt)
         ).all()
-    status.stages, latencies = stage_summaries(queries, runs)
+    gone = worker_gone() if any(run.status == "running" for run in runs) else None
+    status.stages, latencies = stage_summaries(queries, runs, gone)
     status.end_to_end_p50_s = percentile(latencies, 0.5)
     status.end_to_end_p99_s = percentile(latencies, 0.99)
     status.failures = failures_of(queries, runs)
     return status
 
 
-def stage_summaries(queries, runs) -> tuple[list[StageSummary], list[float]]:
-    """Per-stage counts and timings, and each answered query's end-to-end latency."""
+def worker_gone() -> Callable[[str | None, datetime], bool]:
+    """A test of running attempts: has the worker that started it (name, start time) stopped? True when no
+    live incarnation of that worker started before the attempt: the worker died, or was restarted since.
+    Reads the workers' heartbeats once; when Redis does not answer, no attempt is said to be gone."""
+    alive = worker_heartbeats(get_settings().redis_url)
+
+    def gone(worker: str | None, started_at: datetime) -> bool:
+        if alive is None or worker is None:
+            return False
+        return not any(since <= started_at.timestamp() for since in alive.get(worker, ()))
+
+    return gone
+
+
+def stage_summaries(
+    queries, runs, gone: Callable[[str | None, datetime], bool] | None = None
+) -> tuple[list[StageSummary], list[float]]:
+    """Per-stage counts and timings, and each answered query's end-to-end latency. `gone` (`worker_gone`)
+    tells a running attempt whose worker stopped (`waiting`) from one that runs."""
     by_query: dict[uuid.UUID, dict[str, list]] = {}
     for run in runs:
         by_query.setdefault(run.query_id, {}).setdefault(run.stage, []).append(run)
@@ -196,7 +225,9 @@ def stage_summaries(queries, runs) -> tuple[list[StageSummary], list[float]]:
                     latencies.append((won.finished_at - query.created_at).total_seconds())
                 continue
             last = attempts[-1].status if attempts else None
-            if last == "running":
+            if last == "running" and gone is not None and gone(attempts[-1].worker, attempts[-1].started_at):
+                summary.waiting += 1
+            elif last == "running":
                 summary.running += 1
             elif last == "retrying" and query.status not in TERMINAL:
                 summary.retrying += 1
