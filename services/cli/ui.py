@@ -186,6 +186,8 @@ def follow(client, job_id, stall_timeout: float) -> object:
                     extra.append(f"[yellow]{stage.lost} redelivered[/yellow]")
                 if stage.retrying:
                     extra.append(f"[yellow]{stage.retrying} retrying[/yellow]")
+                if stage.waiting:
+                    extra.append(f"[yellow]{stage.waiting} waiting for redelivery (worker gone)[/yellow]")
                 progress.update(bars[stage.stage], completed=stage.succeeded + stage.failed, extra=" ".join(extra))
             if time.monotonic() - last_check[0] > WORKER_CHECK_S and not status.done:
                 last_check[0] = time.monotonic()

@@ -1,8 +1,9 @@
 """Training runs in Postgres and S3: create, claim, heartbeat, per-step metrics, checkpoints, registration, the end.
 
-A run is one row of `training_runs`. Its message (`{"run_id": ...}`) may be delivered more than once: Celery's
-Redis transport gives an unacknowledged message back after its visibility timeout, and a training run holds its
-message far longer than a stage task does. So a worker *claims* the run before training:
+A run is one row of `training_runs`. Its message (`{"run_id": ...}`) may be delivered more than once: the
+broker gives an unacknowledged message back when its worker's heartbeat stops, or after the trainer's
+visibility timeout (`M2IO_TRAINER_VISIBILITY_TIMEOUT_S`, the backstop), and a training run holds its message far
+longer than a stage task does. So a worker *claims* the run before training:
   - queued                       -> it is ours: running;
   - running, heartbeat fresh     -> another worker has it: the message comes back later (it is what resumes the
                                     run should that worker die);

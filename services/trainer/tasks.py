@@ -1,8 +1,9 @@
 """Celery entry points of the trainer: thin wrappers (validate, call core, persist).
 
 `trainer.train` runs one training run (services/trainer/runs.execute_run). A run holds its message for minutes
-to hours, much longer than the broker's visibility timeout, so the message may come back while the run is
-still going: the claim in `execute_run` tells a duplicate from a run whose worker died. A duplicate is sent
+to hours; the message comes back when its worker's heartbeat stops, and may also come back (after the trainer's
+visibility timeout) while the run is still going: the claim in `execute_run` tells a duplicate from a run whose
+worker died. A duplicate is sent
 again for later instead of being dropped: as long as a run is unfinished one message stays in flight, and it
 is the one that resumes the run from its last checkpoint should its worker die.
 """
