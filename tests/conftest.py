@@ -4,8 +4,10 @@ worker processes. Nothing here is mocked; the servers are the ones `m2io up` sta
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,17 +51,16 @@ def _servers_unless_unit(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     from infra.cluster import LocalCluster
     from infra.processes import free_port
     from services.common.settings import Settings, get_settings
 
-    # Postgres runs as an unprivileged user when we are root: its data dir must be reachable.
-    state_dir = Path(tmp_path_factory.mktemp("m2io-state"))
+    # Postgres runs as an unprivileged user when we are root: its data dir must be reachable, so the
+    # state dir is not under pytest's own temp root, which every pytest session (a developer's second
+    # one too) resets to mode 0700: that cut a running suite's Postgres off its data dir.
+    state_dir = Path(tempfile.mkdtemp(prefix="m2io-test-state-"))
     state_dir.chmod(0o755)
-    for parent in state_dir.parents:
-        if str(parent).startswith(str(tmp_path_factory.getbasetemp().parent)):
-            parent.chmod(parent.stat().st_mode | 0o055)
     redis_port = free_port()
     settings = Settings(
         state_dir=state_dir,
@@ -79,6 +80,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         yield Servers(state_dir=state_dir, env=env, cluster=cluster)
     finally:
         cluster.down(echo=print)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @dataclass
