@@ -24,9 +24,10 @@ from pathlib import Path
 from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, Embedder
 from services.common.storage import get_store
-from services.retriever.importers import SourceDocument, read_corpus
+from services.retriever.importers import read_corpus
 from services.retriever.ingest import ensure_collection, index_documents, stage_document
 from services.retriever.ingest_runs import BATCH_DOCUMENTS, enqueue, item_counts, stage_run
+from services.retriever.sources import SourceDocument
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

@@ -20,9 +20,10 @@ from services.common.contracts import DEFAULT_CANDIDATES
 from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.storage import get_store
-from services.retriever.importers import SourceDocument, read_corpus
+from services.retriever.importers import read_corpus
 from services.retriever.ingest import ensure_collection, index_documents, stage_document
 from services.retriever.search import get_collection, retrieve
+from services.retriever.sources import SourceDocument
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

@@ -28,7 +28,8 @@ from infra.migrate import upgrade
 from services.common.embedding import get_embedder
 from services.common.settings import get_settings
 from services.retriever.chunking import chunk_document
-from services.retriever.importers import SourceDocument, parse_source, read_corpus
+from services.retriever.importers import parse_source, read_corpus
+from services.retriever.sources import SourceDocument
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 DIM = 384

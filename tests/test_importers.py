@@ -2,8 +2,9 @@
 
 import pytest
 
-from services.retriever.importers import Skipped, SourceDocument, read_corpus, read_single_file
+from services.retriever.importers import read_corpus, read_single_file
 from services.retriever.ingest import stage_document
+from services.retriever.sources import Skipped, SourceDocument
 from tests.corpus_fixtures import write_markdown_corpus, write_mramg_corpus
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from services.retriever.importers import MAX_DOCUMENT_BYTES, Skipped, SourceDocument, read_corpus
+from services.retriever.importers import read_corpus
+from services.retriever.sources import MAX_DOCUMENT_BYTES, Skipped, SourceDocument
 from tests.corpus_fixtures import png, write_markdown_corpus
 
 NOT_UTF8 = b"caf\xff.md"
@@ -124,7 +125,7 @@ def test_mramg_lines_with_nul_are_skipped(tmp_path):
 @pytest.mark.unit
 def test_images_are_refused_by_size_before_they_are_read(tmp_path):
     from services.retriever.images import MAX_IMAGE_BYTES
-    from services.retriever.importers import FileRefused, read_regular_file
+    from services.retriever.sources import FileRefused, read_regular_file
 
     big = tmp_path / "big.png"
     with big.open("wb") as handle:  # sparse: 30 MiB claimed, nothing written

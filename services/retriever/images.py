@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from services.common.storage import sha256_hex
-from services.retriever.importers import over_limit
+from services.retriever.sources import over_limit
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 # Pillow's own bomb threshold is ~89 Mpx; a document image never needs more than this.

@@ -19,78 +19,27 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from services.common.contracts import StagedDocument
 from services.common.text import ImageRef, ParsedDocument, image_refs_in, parse_markdown, printable, unstorable
+from services.retriever.mramg import read_mramg
+from services.retriever.sources import (
+    MAX_DOCUMENT_BYTES,
+    FileRefused,
+    Item,
+    LinkedImage,
+    Skipped,
+    SourceDocument,
+    read_regular_file,
+    relative_name,
+)
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
-# A document is indexed in one message by one worker: 1 MiB of prose is ~170k words, ~1,100 chunks of
-# 160 words, about a minute of embedding at the 17.6 texts/s measured on 2 cores (bench/README.md,
-# ingestion throughput), far inside the 300 s visibility timeout; a bigger one is refused with its size.
-MAX_DOCUMENT_BYTES = 1024 * 1024
-
-
-class FileRefused(ValueError):
-    """A path that is not read: not a regular file, or over its size limit; the message says which."""
-
-
-def over_limit(size: int, limit: int, what: str = "file") -> str:
-    return f"{what} is {size / 2**20:.1f} MiB, over the {limit / 2**20:g} MiB limit"
-
-
-def read_regular_file(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, read only when it is one and no bigger than `limit` (at most
-    `limit` + 1 bytes are read, so a file growing meanwhile is caught too). Opened non-blocking: a
-    FIFO is refused instead of waiting for a writer. OSError when it cannot be opened."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "rb") as handle:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
-            raise FileRefused(f"not a regular file ({kind})")
-        size = os.fstat(descriptor).st_size
-        if limit is not None and size > limit:
-            raise FileRefused(over_limit(size, limit))
-        data = handle.read(-1 if limit is None else limit + 1)
-    if limit is not None and len(data) > limit:
-        raise FileRefused(over_limit(len(data), limit))
-    return data
-
-
-@dataclass
-class LinkedImage:
-    link: str  # the reference as the document writes it (path, or MRAMG image id)
-    source_name: str  # path relative to the corpus root: the image's name in answers and evaluations
-    path: Path
-    caption: str = ""
-
-
-@dataclass
-class SourceDocument:
-    doc_key: str
-    markdown: str  # Markdown; `pic` documents use <PIC> markers that stand for `pic_images` in order
-    source_path: str
-    title: str | None = None
-    images: list[LinkedImage] = field(default_factory=list)
-    pic_images: list[str] = field(default_factory=list)  # links, in marker order (MRAMG)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Skipped:
-    what: str  # the file, line or image concerned
-    reason: str
-    doc_key: str | None = None  # set when the document itself still goes in (a bad image of it)
-
-
-Item = SourceDocument | Skipped
 
 
 def detect_layout(path: Path) -> str:
@@ -135,13 +84,6 @@ def read_text(path: Path, root: Path) -> str | Skipped:
     if "\x00" in text:  # no text column takes it; in a Markdown file it means a binary or UTF-16 file
         return Skipped(name, f"{unstorable(text)}: not a text document")
     return text
-
-
-def relative_name(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def resolve_image(link: str, document_dir: Path, root: Path) -> Path | str:
@@ -385,108 +327,6 @@ def html_to_markdown(html: str) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).strip() + "\n"
-
-
-# ------------------------------------------------------------------ MRAMG-Bench release
-def read_mramg(root: Path) -> Iterator[Item]:
-    catalogue: dict[str, dict[str, Any]] = {}
-    for info_file in sorted((root / "images_info").glob("*.json")):
-        try:
-            entries = json.loads(read_regular_file(info_file).decode("utf-8"))
-        except (FileRefused, OSError) as error:
-            yield Skipped(printable(relative_name(info_file, root)), f"cannot read: {error}")
-            continue
-        except (ValueError, UnicodeDecodeError) as error:
-            yield Skipped(relative_name(info_file, root), f"malformed image catalogue: {error}")
-            continue
-        if not isinstance(entries, dict):
-            yield Skipped(relative_name(info_file, root), "image catalogue is not an object of image id -> info")
-            continue
-        for image_id, info in entries.items():
-            problem = unstorable([image_id, info])
-            if problem:
-                where = f"{printable(relative_name(info_file, root))} entry {printable(str(image_id))[:80]}"
-                yield Skipped(where, f"image catalogue entry {problem}")
-            elif isinstance(info, dict):
-                catalogue[str(image_id)] = info
-    for doc_file in sorted(root.glob("doc_*.jsonl")):
-        subset = doc_file.stem.removeprefix("doc_")
-        if unstorable(doc_file.name):
-            yield Skipped(printable(doc_file.name), "file name is not valid UTF-8 (rename it)")
-            continue
-        try:
-            raw_lines = read_regular_file(doc_file).split(b"\n")
-        except (FileRefused, OSError) as error:
-            yield Skipped(doc_file.name, f"cannot read: {error}")
-            continue
-        for line_number, raw in enumerate(raw_lines, 1):
-            if not raw.strip():
-                continue
-            where = f"{doc_file.name} line {line_number}"
-            if len(raw) > MAX_DOCUMENT_BYTES:
-                yield Skipped(where, f"{over_limit(len(raw), MAX_DOCUMENT_BYTES, 'document')} (split it)")
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield Skipped(where, f"invalid UTF-8 at byte {error.start}")
-                continue
-            try:
-                record = json.loads(line)
-                doc_id, content, image_ids = record[0], record[1], record[2]
-                if not isinstance(content, str) or not isinstance(image_ids, list):
-                    raise TypeError("expected [id, text, [image ids]]")
-                if problem := unstorable(record):
-                    raise ValueError(problem)
-            except (ValueError, IndexError, TypeError, KeyError) as error:
-                yield Skipped(where, f"malformed line: {error}")
-                continue
-            doc_key = f"{subset}/{doc_id}"
-            if not content.strip() and not image_ids:
-                yield Skipped(where, "empty document")
-                continue
-            images: list[LinkedImage] = []
-            pic_links: list[str] = []
-            for image_id in image_ids:
-                image_id = str(image_id)
-                info = catalogue.get(image_id)
-                if info is None or not info.get("image_path"):
-                    yield Skipped(f"image {image_id} (in {doc_key})", "image id not in images_info", doc_key=doc_key)
-                    pic_links.append(image_id)  # keeps the markers aligned; no file, so it is left out
-                    continue
-                found = resolve_mramg_image(str(info["image_path"]), root)
-                pic_links.append(image_id)
-                if isinstance(found, str):
-                    yield Skipped(f"image {image_id} (in {doc_key})", found, doc_key=doc_key)
-                    continue
-                images.append(
-                    LinkedImage(
-                        link=image_id,
-                        source_name=relative_name(found, root),
-                        path=found,
-                        caption=str(info.get("image_caption") or ""),
-                    )
-                )
-            yield SourceDocument(
-                doc_key=doc_key,
-                markdown=content,
-                source_path=where,
-                title=None,
-                images=images,
-                pic_images=pic_links,
-                meta={"subset": subset},
-            )
-
-
-def resolve_mramg_image(image_path: str, root: Path) -> Path | str:
-    relative = image_path.lstrip("/")
-    for base in (root, root / "IMAGE", root / "IMAGE" / "images"):
-        candidate = (base / relative).resolve()
-        if candidate.is_relative_to(root.resolve()) and candidate.is_file():
-            if unstorable(relative_name(candidate, root)):
-                return f"image file name is not UTF-8 ({printable(relative_name(candidate, root))})"
-            return candidate
-    return f"missing image file {image_path}"
 
 
 def parse_source(document: SourceDocument | StagedDocument) -> tuple[ParsedDocument, dict[str, Any]]:

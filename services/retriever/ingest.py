@@ -29,7 +29,8 @@ from services.common.text import ImageRef, ParsedDocument
 from services.retriever.chunking import Chunk as DocumentChunk
 from services.retriever.chunking import chunk_document
 from services.retriever.images import MAX_IMAGE_BYTES, ImageRejected, verify_image
-from services.retriever.importers import FileRefused, Skipped, SourceDocument, parse_source, read_regular_file
+from services.retriever.importers import parse_source
+from services.retriever.sources import FileRefused, Skipped, SourceDocument, read_regular_file
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
 CHUNKER_VERSION = "1"

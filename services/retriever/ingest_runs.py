@@ -27,7 +27,7 @@ from services.common.models import Collection, IngestItem, IngestRun
 from services.common.stage_runs import now
 from services.common.storage import ObjectStore
 from services.common.text import printable, unstorable
-from services.retriever.importers import Skipped, SourceDocument, detect_layout, read_corpus
+from services.retriever.importers import detect_layout, read_corpus
 from services.retriever.ingest import (
     CollectionModelMismatch,
     IndexOutcome,
@@ -37,6 +37,7 @@ from services.retriever.ingest import (
     stage_document,
     write,
 )
+from services.retriever.sources import Skipped, SourceDocument
 
 BATCH_DOCUMENTS = 8  # documents per message: enough to batch embeddings, small enough to spread
 # ...and at most this much Markdown per message (one bigger document goes alone), so one message's
