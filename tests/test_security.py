@@ -297,7 +297,10 @@ def test_dashboard_password_guesses_are_throttled(bound_to, monkeypatch) -> None
     assert not app.metric  # even the right password waits its turn
     time.sleep(1.2)  # the first wait is 1 s
     app.text_input[0].input("s3cret-for-throttle").run()
-    assert not app.error and [metric.label for metric in app.metric] == ["PostgreSQL", "Redis", "S3"]
+    # the password is taken: no password error, and the overview renders (its own health errors, e.g. a
+    # slow worker ping on a loaded machine, are not the gate's business)
+    assert not [e.value for e in app.error if "password" in e.value.lower()], [e.value for e in app.error]
+    assert [metric.label for metric in app.metric] == ["PostgreSQL", "Redis", "S3"]
 
 
 @pytest.mark.unit
