@@ -24,6 +24,7 @@ from services.common.db import session_scope
 from services.common.models import DeadLetter, Query, StageRun
 from services.common.queues import STAGES, Stage, answer_stage
 from services.common.settings import get_settings
+from services.common.text import printable
 
 MAX_RECORDED_PAYLOAD = 10_000  # characters of a refused message kept for the operator
 MAX_ERROR_LENGTH = 4_000
@@ -148,8 +149,9 @@ def record_dead_letter(
 
 
 def storable(value: str | None, limit: int) -> str | None:
-    """`value` cut to `limit` characters, with NUL written as `\\x00`."""
-    return None if value is None else str(value)[:limit].replace("\x00", "\\x00")[:limit]
+    """`value` cut to `limit` characters, made storable by `text.printable` (NUL as `\\x00`, the bytes of
+    a lone surrogate escaped)."""
+    return None if value is None else printable(str(value)[:limit])[:limit]
 
 
 class StageOutputMissing(LookupError):
@@ -225,9 +227,11 @@ def query_context(query_id: uuid.UUID) -> QueryContext:
             raise QueryNotFound(f"query {query_id} does not exist")
         config = JobConfig.model_validate(query.job.config or {})
         question, collection = query.question, query.collection or config.collection
+    return QueryContext(question=question, collection=collection, config=with_default_backends(config))
+
+
+def with_default_backends(config: JobConfig) -> JobConfig:
+    """The config with unset backends taken from the settings (M2IO_GENERATOR_BACKEND, M2IO_INSERTER_BACKEND):
+    at submit, so the job stores what it runs, and for jobs stored before submit did that."""
     settings = get_settings()
-    return QueryContext(
-        question=question,
-        collection=collection,
-        config=config.with_defaults(settings.generator_backend, settings.inserter_backend),
-    )
+    return config.with_defaults(settings.generator_backend, settings.inserter_backend)

@@ -14,8 +14,7 @@ from services.common.contracts import JobConfig
 from services.common.db import session_scope
 from services.common.models import Collection, Job, Query, StageRun
 from services.common.queues import ANSWER_TASKS, PIPELINE, Stage
-from services.common.settings import get_settings
-from services.common.stage_runs import now
+from services.common.stage_runs import now, with_default_backends
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
 from services.jobs.questions import QuestionLine, storable
@@ -102,8 +101,7 @@ def check_backend_works(kind: str, backend: str | None) -> None:
 def validate_config(config: JobConfig) -> JobConfig:
     """The config as it will run: backends checked against those the stages declare and that they can
     run at all, unset ones filled in from the settings (so every stage reads the same backends)."""
-    settings = get_settings()
-    resolved = config.with_defaults(settings.generator_backend, settings.inserter_backend)
+    resolved = with_default_backends(config)
     check_backend("generator", resolved.generator, GENERATOR_BACKENDS)
     check_backend("inserter", resolved.inserter, INSERTER_BACKENDS)
     check_backend_works("generator", resolved.generator)
