@@ -75,6 +75,9 @@ class CandidateImage(BaseModel):
     context_after: str | None
     doc_key: str
     score: float
+    document_id: int | None = None
+    position: int | None = None  # units of its document before it (0 = it opens the document)
+    image_text: str | None = None  # the words inside the image (OCR at ingest), when read
     # why it is a candidate: "passage" (it stands in a retrieved passage), "description" (its
     # caption and context match the question), or both
     reasons: list[str]
@@ -129,11 +132,24 @@ class TrainRef(Contract):
 
 
 # ------------------------------------------------------------------ answer stages
+class UnitSource(BaseModel):
+    """Where an answer unit stood in its source: the document, the chunk, and its unit number there
+    (1-based, as `services.common.text` counts units; an image at position p follows unit p)."""
+
+    document_id: int
+    doc_key: str
+    position: int = Field(ge=1)
+    chunk_id: int | None = None
+    section: str | None = None  # the heading path of its section
+
+
 class AnswerUnit(BaseModel):
     """A sentence of an answer; list steps, headings, code and tables are kept whole."""
 
     text: str
     kind: str = "sentence"  # sentence | item | heading | code | table
+    level: int | None = Field(default=None, ge=1, le=6)  # a heading's level in its source
+    source: UnitSource | None = None  # None for text an LM wrote: it is matched, not looked up
 
 
 class TextAnswer(BaseModel):
@@ -142,6 +158,12 @@ class TextAnswer(BaseModel):
     units: list[AnswerUnit]
     backend: str
     seconds: float = 0.0
+    # how the extractive backend answered: "section" (whole source sections), "sentences" (MMR picks
+    # across passages, when no section fits) or "lm"; the sections' heading paths; why, in words
+    mode: str | None = None
+    sections: list[str] = []
+    reason: str | None = None
+    truncated: bool = False  # a length budget cut the answer (at a section or list boundary)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -149,6 +171,10 @@ class TextAnswer(BaseModel):
 class Placement(BaseModel):
     image: str  # source name of a candidate image
     after: int = Field(ge=0)  # the unit it follows; 0 = before the first
+    # what placed it: "source" (it stood there in the answer's own source), "context" / "caption" /
+    # "image_text" (a text match, with its cosine similarity), "model" (an LM's plan)
+    evidence: str | None = None
+    similarity: float | None = None
 
 
 class InsertionPlan(BaseModel):
@@ -161,7 +187,9 @@ class InsertionPlan(BaseModel):
 
 class AnswerBlock(BaseModel):
     type: str  # text | image
-    text: str | None = None
+    text: str | None = None  # Markdown
+    kind: str | None = None  # of a text block: paragraph | item | heading | code | table
+    level: int | None = None  # of a heading block
     source_name: str | None = None
     caption: str | None = None
 

@@ -152,7 +152,7 @@ def parse_plan_names(output: str, unit_count: int, names: list[str]) -> list[Pla
     """`parse_plan` given only the number of units and the candidates' names (what the trainer's rewards know).
 
     >>> parse_plan_names('<think>ok</think><answer>[{"image": "a.jpg", "after": 2}]</answer>', 3, ["a.jpg"])
-    [Placement(image='a.jpg', after=2)]
+    [Placement(image='a.jpg', after=2, evidence='model', similarity=None)]
     >>> parse_plan_names('<answer>[]</answer>', 3, ["a.jpg"])
     Traceback (most recent call last):
     ...
@@ -181,7 +181,7 @@ def parse_plan_names(output: str, unit_count: int, names: list[str]) -> list[Pla
         if image in seen:
             raise PlanFormatError(f"{image!r} is placed twice")
         seen.add(image)
-        placements.append(Placement(image=image, after=after))
+        placements.append(Placement(image=image, after=after, evidence="model"))
     return sorted(placements, key=lambda p: p.after)
 
 
