@@ -48,8 +48,8 @@ def baseline_plan(kind: str, units: list[AnswerUnit], retrieval: Retrieval, gold
 def score(units: list[AnswerUnit], plan: InsertionPlan, question: dict) -> dict:
     ordered = [basename(p.image) for p in sorted(plan.placements, key=lambda p: p.after)]
     positions = {basename(p.image): p.after for p in plan.placements}
-    text = "\n".join(unit.text for unit in units)
-    return answer_metrics(text, ordered, positions, question["gold_answer"], question.get("gold_images", []))
+    texts = [unit.text for unit in units]
+    return answer_metrics(texts, ordered, positions, question["gold_answer"], question.get("gold_images", []))
 
 
 def run_corpus(root: Path, args) -> dict:

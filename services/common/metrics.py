@@ -11,7 +11,9 @@ Conventions shared by every function here:
   The gold sequence is the `gold_images` list that goes with a gold answer whose images are
   written as `<PIC>` placeholders (the n-th `<PIC>` stands for `gold_images[n]`).
 - An image's **position** is a sentence number as `services.common.text` counts units:
-  `position = k` means "right after the k-th unit", 0 means "before the first unit".
+  `position = k` means "right after the k-th unit", 0 means "before the first unit". Predicted and
+  gold positions number the units of *different* texts; :func:`aligned_position_accuracy` aligns
+  the predicted units to the gold units before it compares them.
 - Scores are floats in [0, 1], higher is better. `None` means "not defined for this answer"
   and is skipped by :func:`aggregate`.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from services.common.text import ImageRef, parse_markdown
 
@@ -33,6 +36,14 @@ SUBSTITUTION_COST = 1.0  # a predicted image standing where a different gold ima
 ORDERING_CAP = 3.0
 
 WORD = re.compile(r"\w+")
+# a list item's marker at the start of a unit: "5. ", "5) ", "(5) ", "a. ", "- ", "* ", "+ ", "• "
+LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\(?\d{1,3}[.)]|\(?[A-Za-z][.)])\s+")
+# Two units align when SequenceMatcher's ratio over their word lists, 2·M / (|a| + |b|) with M the
+# words matched in order, is at least this. 0.6 keeps near copies: one word changed in a five-word
+# sentence scores 0.8, a unit that is the other plus a clause as long as itself 2n / 3n = 0.67; and
+# it drops sentences of one topic that share only function words ("Add the milk to the bowl." /
+# "Put the pan on the stove.": "the", "the" → 4 / 12 = 0.33) or only half their words (0.5).
+UNIT_MATCH_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True)
@@ -149,9 +160,12 @@ def ordering_score(predicted: Sequence[str], gold: Sequence[str]) -> float:
 def position_accuracy(predicted_positions: Mapping[str, int], gold_positions: Mapping[str, int]) -> float | None:
     """Share of gold images placed after exactly the gold sentence (no tolerance).
 
-    Positions are sentence numbers (0 = before the first sentence). A gold image the prediction
-    does not place counts as wrong; predicted images that are not gold images are ignored here
-    (image precision accounts for them). None when there are no gold images: nothing to place.
+    Positions are sentence numbers (0 = before the first sentence) *of one and the same text*: use
+    it where prediction and gold number the same units (the trainer's held-out examples); for an
+    answer scored against a gold answer with its own sentences use :func:`aligned_position_accuracy`.
+    A gold image the prediction does not place counts as wrong; predicted images that are not gold
+    images are ignored here (image precision accounts for them). None when there are no gold
+    images: nothing to place.
 
     >>> position_accuracy({"a": 0, "b": 3}, {"a": 0, "b": 2})
     0.5
@@ -167,6 +181,151 @@ def position_accuracy(predicted_positions: Mapping[str, int], gold_positions: Ma
 def words(text: str) -> list[str]:
     """Lowercase word tokens, as ROUGE-L here counts them: `\\w+` runs (punctuation dropped)."""
     return WORD.findall(text.lower())
+
+
+def unit_words(text: str) -> list[str]:
+    """A unit's words for alignment: :func:`words` after a leading list marker is dropped.
+
+    >>> unit_words("5.  Bake the CAKE!")
+    ['bake', 'the', 'cake']
+    >>> unit_words("- (see above)")
+    ['see', 'above']
+    """
+    return words(LIST_MARKER.sub("", text, count=1))
+
+
+def unit_similarity(first: str, second: str) -> float:
+    """How alike two units are: SequenceMatcher's ratio over their :func:`unit_words`, in [0, 1].
+
+    Case, punctuation, whitespace and list numbering do not count. Two units without words (a
+    rule, an emoji line) are 1.0 when their whitespace-collapsed text is the same, else 0.0; one
+    unit without words and one with: 0.0.
+
+    >>> unit_similarity("5. Bake the cake.", "6.  bake the cake")
+    1.0
+    >>> unit_similarity("Add the milk to the bowl.", "Put the pan on the stove.")
+    0.3333333333333333
+    """
+    first_words, second_words = unit_words(first), unit_words(second)
+    if not first_words and not second_words:
+        return 1.0 if " ".join(first.split()) == " ".join(second.split()) else 0.0
+    if not first_words or not second_words:
+        return 0.0
+    return SequenceMatcher(None, first_words, second_words, autojunk=False).ratio()
+
+
+def align_units(
+    predicted_units: Sequence[str], gold_units: Sequence[str], threshold: float = UNIT_MATCH_THRESHOLD
+) -> list[int | None]:
+    """A monotone alignment of predicted units to gold units: for each predicted unit, the number
+    (1-based) of the gold unit it stands for, or None.
+
+    Only pairs with :func:`unit_similarity` ≥ `threshold` (:data:`UNIT_MATCH_THRESHOLD`) may
+    align; each unit aligns at most once and aligned numbers increase with the predicted order.
+    Among such alignments the one with the largest summed similarity is taken (dynamic programming
+    as for a longest common subsequence); ties go to the later gold unit. Identical unit lists
+    align one to one (any other alignment has fewer pairs, each worth at most 1).
+
+    >>> gold = ["1. Mix the batter.", "2. Bake the cake.", "3. Serve it warm."]
+    >>> align_units(["Preheat the oven.", "Mix the batter.", "Bake the cake."], gold)  # an extra first unit
+    [None, 1, 2]
+    >>> align_units(["1. Mix the batter.", "2. Serve it warm."], gold)  # unit 2 dropped, items renumbered
+    [1, 3]
+    """
+    rows, columns = len(predicted_units), len(gold_units)
+    similarity = [[unit_similarity(p, g) for g in gold_units] for p in predicted_units]
+    best = [[0.0] * (columns + 1) for _ in range(rows + 1)]
+    for i in range(1, rows + 1):
+        for j in range(1, columns + 1):
+            value = max(best[i - 1][j], best[i][j - 1])
+            if similarity[i - 1][j - 1] >= threshold:
+                value = max(value, best[i - 1][j - 1] + similarity[i - 1][j - 1])
+            best[i][j] = value
+    alignment: list[int | None] = [None] * rows
+    i, j = rows, columns
+    while i > 0 and j > 0:
+        score = similarity[i - 1][j - 1]
+        if score >= threshold and best[i][j] == best[i - 1][j - 1] + score:
+            alignment[i - 1] = j
+            i, j = i - 1, j - 1
+        elif best[i][j] == best[i - 1][j]:
+            i -= 1
+        else:
+            j -= 1
+    return alignment
+
+
+def gold_slots(alignment: Sequence[int | None], slot: int) -> set[int]:
+    """The gold positions an image at predicted `slot` (0 = before the first predicted unit, p = after
+    predicted unit p) stands at, given `alignment` from :func:`align_units`.
+
+    Two views, either one suffices:
+
+    - *after*: slot 0 is gold position 0 (the start of the answer is the start of the gold); slot
+      p ≥ 1 is the gold number of the last aligned predicted unit at or before p (an unaligned unit
+      is read as part of the aligned one before it); none when units 1..p are all unaligned;
+    - *before*: when predicted unit p + 1 aligns to gold unit g, gold position g − 1 (the image
+      stands just before that unit).
+
+    A slot outside 0..len(alignment) stands nowhere: the empty set. With identical texts
+    (alignment [1, 2, …, n]) both views give {p}, so scores equal :func:`position_accuracy`'s.
+
+    >>> alignment = [None, 1, 2]  # an extra leading sentence, then gold units 1 and 2
+    >>> [sorted(gold_slots(alignment, slot)) for slot in range(4)]
+    [[0], [0], [1], [2]]
+    >>> alignment = [1, 3]  # gold unit 2 dropped: the slot between 1 and 3 stands for both gaps
+    >>> [sorted(gold_slots(alignment, slot)) for slot in range(3)]
+    [[0], [1, 2], [3]]
+    >>> sorted(gold_slots([None, None], 2))  # nothing aligned: slot 2 stands nowhere (slot 0 still maps to 0)
+    []
+    """
+    if not 0 <= slot <= len(alignment):
+        return set()
+    positions: set[int] = set()
+    if slot == 0:
+        positions.add(0)
+    else:
+        after = next((g for g in reversed(alignment[:slot]) if g is not None), None)
+        if after is not None:
+            positions.add(after)
+    if slot < len(alignment) and alignment[slot] is not None:
+        positions.add(alignment[slot] - 1)
+    return positions
+
+
+def aligned_position_accuracy(
+    predicted_units: Sequence[str],
+    predicted_positions: Mapping[str, int],
+    gold_units: Sequence[str],
+    gold_positions: Mapping[str, int],
+) -> float | None:
+    """Share of gold images placed at the right place in the *answer's own* text.
+
+    The predicted units are aligned to the gold units (:func:`align_units`), and a gold image is
+    right when its predicted slot stands at its gold position (:func:`gold_slots`: after the gold
+    unit the slot follows, or just before the gold unit the slot precedes). So an extra, dropped or
+    renumbered sentence does not shift every position, and a slot whose number matches but whose
+    neighbours are other sentences is wrong. A gold image the prediction does not place is wrong;
+    predicted images that are not gold are ignored. None without gold images. With identical units
+    the score is :func:`position_accuracy`'s.
+
+    >>> gold = ["Mix the batter.", "Bake the cake."]
+    >>> aligned_position_accuracy(["Preheat the oven."] + gold, {"a": 2}, gold, {"a": 1})  # after "Mix"
+    1.0
+    >>> aligned_position_accuracy(["Preheat the oven."] + gold, {"a": 1}, gold, {"a": 1})  # after "Preheat"
+    0.0
+    >>> aligned_position_accuracy(gold, {}, gold, {}) is None
+    True
+    """
+    if not gold_positions:
+        return None
+    alignment = align_units(predicted_units, gold_units)
+    right = 0
+    for name, position in gold_positions.items():
+        slot = predicted_positions.get(name)
+        if slot is not None and position in gold_slots(alignment, slot):
+            right += 1
+    return right / len(gold_positions)
 
 
 def lcs_length(first: Sequence[str], second: Sequence[str]) -> int:
@@ -233,7 +392,7 @@ def strip_pic_markers(text: str) -> str:
 
 
 def answer_metrics(
-    predicted_text: str,
+    predicted_units: Sequence[str],
     predicted_images: Sequence[str],
     predicted_positions: Mapping[str, int],
     gold_answer: str,
@@ -241,28 +400,36 @@ def answer_metrics(
 ) -> dict[str, float | None]:
     """Every metric of one answer, as one flat dict.
 
-    - `predicted_text`: the answer's text without its images (image links would count as words);
+    - `predicted_units`: the answer's units' texts in order, without its images (image links would
+      count as words), e.g. `[u.text for u in answer.units]`;
     - `predicted_images`: the answer's images in order of appearance;
-    - `predicted_positions`: image name → sentence number it follows (0 = before the first);
+    - `predicted_positions`: image name → predicted unit it follows (0 = before the first);
     - `gold_answer`, `gold_images`: the gold answer with `<PIC>` markers and its ordered images.
 
     Keys: image_precision, image_recall, image_f1 (:func:`image_precision_recall_f1`), ordering
-    (:func:`ordering_score`), position_accuracy (:func:`position_accuracy` against the positions
-    of :func:`parse_gold_answer`; None without gold images) and rouge_l (:func:`rouge_l` between
-    the predicted text and the gold answer with its `<PIC>` markers removed).
+    (:func:`ordering_score`), position_accuracy (:func:`aligned_position_accuracy`: the predicted
+    units aligned to the units and positions of :func:`parse_gold_answer`; None without gold
+    images) and rouge_l (:func:`rouge_l` between the units joined by newlines and the gold answer
+    with its `<PIC>` markers removed).
 
-    >>> answer_metrics("Mix it.", ["a"], {"a": 1}, "Mix it. <PIC>", ["a"])["position_accuracy"]
+    >>> answer_metrics(["Mix it."], ["a"], {"a": 1}, "Mix it. <PIC>", ["a"])["position_accuracy"]
+    1.0
+    >>> answer_metrics(["First this.", "Mix it."], ["a"], {"a": 2}, "Mix it. <PIC>", ["a"])["position_accuracy"]
     1.0
     """
+    if isinstance(predicted_units, str):
+        raise TypeError("answer_metrics takes the answer's units (a sequence of texts), not one joined text")
     prf = image_precision_recall_f1(predicted_images, gold_images)
-    _, gold_positions = parse_gold_answer(gold_answer, gold_images)
+    gold_units, gold_positions = parse_gold_answer(gold_answer, gold_images)
     return {
         "image_precision": prf.precision,
         "image_recall": prf.recall,
         "image_f1": prf.f1,
         "ordering": ordering_score(predicted_images, gold_images),
-        "position_accuracy": position_accuracy(predicted_positions, gold_positions),
-        "rouge_l": rouge_l(predicted_text, strip_pic_markers(gold_answer)),
+        "position_accuracy": aligned_position_accuracy(
+            predicted_units, predicted_positions, gold_units, gold_positions
+        ),
+        "rouge_l": rouge_l("\n".join(predicted_units), strip_pic_markers(gold_answer)),
     }
 
 

@@ -55,9 +55,9 @@ def score_query(question: str, gold: dict[str, Any], outputs: StageOutputs, stat
         placements = sorted(plan.placements, key=lambda p: p.after)
         ordered = [basename(p.image) for p in placements]
         positions = {basename(p.image): p.after for p in placements}
-        text = "\n".join(unit.text for unit in answer.units)
+        units = [unit.text for unit in answer.units]
         gold_images = [basename(name) for name in gold.get("gold_images", [])]
-        row.update(answer_metrics(text, ordered, positions, gold["gold_answer"], gold_images))
+        row.update(answer_metrics(units, ordered, positions, gold["gold_answer"], gold_images))
         row["images_placed"] = len(placements)
         row["fallback"] = bool(plan.fallback_reason)
     else:
