@@ -1,5 +1,8 @@
 """The merger: an answer's units and its insertion plan become one interleaved answer, as
-Markdown (image links by source name), self-contained HTML (images embedded) and JSON blocks."""
+Markdown (image links by source name), self-contained HTML (images embedded) and JSON blocks.
+
+Text from documents is untrusted. The HTML renders it with markdown-it with raw HTML off (a `<script>`
+shows as text) and links only to safe targets; the stored Markdown escapes it (`markdown_text`)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ import base64
 import html
 import re
 from collections.abc import Callable
-from urllib.parse import quote
+from functools import cache
+from urllib.parse import quote, unquote
+
+from markdown_it import MarkdownIt
 
 from services.common.contracts import (
     AnswerBlock,
@@ -15,25 +21,52 @@ from services.common.contracts import (
     CandidateImage,
     InsertionPlan,
     MergedAnswer,
+    UnitSource,
 )
 from services.common.storage import ObjectMissing, ObjectStore
-from services.common.text import FENCE
+from services.common.text import FENCE, heading_of
+
+BLOCK_KINDS = {"item": "item", "heading": "heading", "code": "code", "table": "table"}  # unit kind -> block kind
+TOP_HEADING = 2  # the page's h1 is the question: an answer's headings start one level below
+
+
+def heading_markdown(text: str, level: int | None) -> str:
+    """A heading as Markdown, at least at level 2 (text that is already `## X` keeps its level
+    unless one is given).
+
+    >>> heading_markdown("Ingredients", 1), heading_markdown("### Tips", None), heading_markdown("Tips", 9)
+    ('## Ingredients', '### Tips', '###### Tips')
+    """
+    found = heading_of(text.strip())
+    if found:
+        written, text = found
+        level = level or written
+    return "#" * min(6, max(TOP_HEADING, level or TOP_HEADING)) + " " + " ".join(text.split())
+
+
+def follows(source: UnitSource | None, previous: UnitSource | None) -> bool:
+    """Whether a sentence continues the previous one's paragraph: both without provenance (text an LM
+    wrote), or the next unit of the same document."""
+    if source is None or previous is None:
+        return source is None and previous is None
+    return source.document_id == previous.document_id and source.position == previous.position + 1
 
 
 def interleave(units: list[AnswerUnit], plan: InsertionPlan, candidates: list[CandidateImage]) -> list[AnswerBlock]:
-    """Text blocks (consecutive sentences make one paragraph; steps, headings, code stand alone)
-    with each planned image after its unit. Images not among the candidates are dropped."""
+    """Text blocks with each planned image after its unit. Sentences in a row make one paragraph (when
+    units carry provenance, only sentences that follow each other in their source do); an item, heading,
+    code block or table is a block of its own kind. Images not among the candidates are dropped."""
     by_name = {candidate.source_name: candidate for candidate in candidates}
     after: dict[int, list[str]] = {}
     for placement in plan.placements:
         if placement.image in by_name and placement.after <= len(units):
             after.setdefault(placement.after, []).append(placement.image)
     blocks: list[AnswerBlock] = []
-    paragraph: list[str] = []
+    paragraph: list[AnswerUnit] = []
 
     def flush() -> None:
         if paragraph:
-            blocks.append(AnswerBlock(type="text", text=" ".join(paragraph)))
+            blocks.append(AnswerBlock(type="text", kind="paragraph", text=" ".join(u.text for u in paragraph)))
             paragraph.clear()
 
     def images_after(position: int) -> None:
@@ -46,16 +79,24 @@ def interleave(units: list[AnswerUnit], plan: InsertionPlan, candidates: list[Ca
     images_after(0)
     for position, unit in enumerate(units, 1):
         if unit.kind == "sentence":
-            paragraph.append(unit.text)
+            if paragraph and not follows(unit.source, paragraph[-1].source):
+                flush()
+            paragraph.append(unit)
         else:
             flush()
-            blocks.append(AnswerBlock(type="text", text=unit.text))
+            kind = BLOCK_KINDS.get(unit.kind, "paragraph")
+            if kind == "heading":
+                text = heading_markdown(unit.text, unit.level)
+                blocks.append(AnswerBlock(type="text", kind=kind, level=len(text) - len(text.lstrip("#")), text=text))
+            else:
+                blocks.append(AnswerBlock(type="text", kind=kind, text=unit.text))
         images_after(position)
     flush()
     return blocks
 
 
-STEP = re.compile(r"^\s*([-*+]|\d{1,3}[.)])\s")
+# A list item's marker (`- `, `* `, `3. `, `3) `) after its indentation; the digits are CommonMark's nine.
+STEP = re.compile(r"^([ \t]*)([-*+]|\d{1,9}[.)])[ \t]")
 # Links a document's text may keep in an answer: web, mail, and relative (no scheme) targets. Others
 # (`javascript:`, `data:`, `vbscript:`, `file:`) become `#`. Each pattern is linear: disjoint runs.
 SAFE_SCHEMES = ("http", "https", "mailto")
@@ -64,14 +105,23 @@ INLINE_TARGET = re.compile(r"(\]\([ \t]*)([^\s)]*)")  # [text](target) and ![alt
 REFERENCE_TARGET = re.compile(r"^( {0,3}\[[^\]\n]*\]:[ \t]*)(\S*)", re.MULTILINE)  # [label]: target
 
 
+def is_safe_target(target: str) -> bool:
+    r"""Whether a link may point there: no scheme (relative), or http, https, mailto.
+
+    >>> [is_safe_target(t) for t in ["https://x.org", "pics/a.png", "JavaScript:alert(1", "\x01javascript:x"]]
+    [True, True, False, False]
+    """
+    scheme = SCHEME.match("".join(ch for ch in target if ch > " "))  # browsers drop controls and spaces
+    return scheme is None or scheme[1].lower() in SAFE_SCHEMES
+
+
 def safe_target(target: str) -> str:
     r"""A link target as it may stay in an answer.
 
     >>> [safe_target(t) for t in ["https://x.org", "pics/a.png", "JavaScript:alert(1", "\x01javascript:x"]]
     ['https://x.org', 'pics/a.png', '#', '#']
     """
-    scheme = SCHEME.match("".join(ch for ch in target if ch > " "))  # browsers drop controls and spaces
-    return target if scheme is None or scheme[1].lower() in SAFE_SCHEMES else "#"
+    return target if is_safe_target(target) else "#"
 
 
 def markdown_text(text: str) -> str:
@@ -91,66 +141,175 @@ def markdown_text(text: str) -> str:
     return REFERENCE_TARGET.sub(lambda found: found[1] + safe_target(found[2]), text)
 
 
+def is_item(block: AnswerBlock) -> bool:
+    """A list item: a text block of kind `item` (or of no kind, as answers stored before blocks had
+    one) that starts with a list marker."""
+    return block.type == "text" and block.kind in (None, "item") and bool(STEP.match(block.text or ""))
+
+
+def block_markdown(block: AnswerBlock) -> str:
+    """A text block's Markdown as written (not yet escaped); a heading as `## text`."""
+    if block.kind == "heading":
+        return heading_markdown(block.text or "", block.level)
+    return block.text or ""
+
+
+def list_lines(items: list[str]) -> list[str]:
+    """Items of one list, each re-indented to the content column of the item it nests under, so that
+    nesting by indentation renders the same in every CommonMark viewer (a child of `10. x` needs four
+    spaces, of `- x` two) and a first item never becomes an indented code block.
+
+    >>> list_lines(["1. Mix", "  - flour", "  - eggs", "2. Fry", "      - hot"])
+    ['1. Mix', '   - flour', '   - eggs', '2. Fry', '   - hot']
+    """
+    lines: list[str] = []
+    parents: list[tuple[int, int]] = []  # (indentation in the source, content column here)
+    for item in items:
+        found = STEP.match(item)
+        if found is None:
+            lines.append(item)
+            continue
+        indent = len(found[1].expandtabs(4))
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        column = parents[-1][1] if parents else 0
+        lines.append(" " * column + found[2] + " " + item[found.end() :].lstrip(" \t"))
+        parents.append((indent, column + len(found[2]) + 1))
+    return lines
+
+
 def to_markdown(blocks: list[AnswerBlock], image_path: Callable[[str], str] | None = None) -> str:
-    """Each block a paragraph, except that consecutive list steps stay a list (one per line). Text is
+    """Each block a paragraph, except that consecutive list items stay a list (one per line). Text is
     escaped (`markdown_text`); an image links to `image_path(source name)`, by default its source name."""
     paragraphs: list[str] = []
-    previous_step = False
+    items: list[str] = []
+
+    def end_list() -> None:
+        if items:
+            paragraphs.append("\n".join(list_lines(items)))
+            items.clear()
+
     for block in blocks:
+        if is_item(block):
+            items.append(markdown_text(block.text or ""))
+            continue
+        end_list()
         if block.type == "image":
             alt = markdown_text(block.caption or block.source_name or "").replace("[", "(").replace("]", ")")
             name = block.source_name or ""
             paragraphs.append(f"![{alt}]({quote(image_path(name) if image_path else name, safe='/')})")
-            previous_step = False
-            continue
-        text = markdown_text(block.text or "")
-        is_step = bool(STEP.match(text))
-        if is_step and previous_step:
-            paragraphs[-1] += "\n" + text
         else:
-            paragraphs.append(text)
-        previous_step = is_step
+            paragraphs.append(markdown_text(block_markdown(block)))
+    end_list()
     return "\n\n".join(paragraphs).strip() + "\n"
+
+
+def allowed_link(url: str) -> bool:
+    """markdown-it's link check (it hands over the target normalised: entities decoded, percent-encoded):
+    only safe targets become an `href` or `src`; a link to any other stays text."""
+    return is_safe_target(unquote(url))
+
+
+@cache
+def markdown_renderer() -> MarkdownIt:
+    """CommonMark with tables; raw HTML off, so a document's `<script>` or `<img onerror>` is text."""
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    renderer.validateLink = allowed_link
+    return renderer
+
+
+def render_markdown(source: str) -> str:
+    """Markdown to HTML. An ordered item whose number skips ahead of the one before it (steps 1, 2, 5)
+    keeps its number (`<li value="5">`); the list's first number is its `start`."""
+    renderer = markdown_renderer()
+    tokens = renderer.parse(source)
+    expected: list[int | None] = []  # the next number of each open list, None for a bullet list
+    for token in tokens:
+        if token.type == "ordered_list_open":
+            expected.append(int(str(token.attrs.get("start", 1))))
+        elif token.type == "bullet_list_open":
+            expected.append(None)
+        elif token.type in ("ordered_list_close", "bullet_list_close"):
+            expected.pop()
+        elif token.type == "list_item_open" and expected and expected[-1] is not None and token.info.isdigit():
+            number = int(token.info)
+            if number > expected[-1]:
+                token.attrSet("value", str(number))
+            expected[-1] = max(number, expected[-1]) + 1
+    return renderer.renderer.render(tokens, renderer.options, {})
+
+
+def figure_html(
+    block: AnswerBlock, keys: dict[str, tuple[str, str | None]], store: ObjectStore | None
+) -> tuple[str, str | None]:
+    """An image block as a `<figure>` (the image embedded as a data URI, its caption as alt text and
+    figcaption), or a visible placeholder and a warning when its bytes are gone."""
+    key, caption = keys.get(block.source_name or "", (None, None))
+    caption_html = html.escape(block.caption or caption or block.source_name or "")
+    name_html = html.escape(block.source_name or "")
+    data, warning = None, None
+    if key and store is not None:
+        try:
+            data = store.get(key)
+        except ObjectMissing:
+            warning = f"image {block.source_name} is missing from storage ({key})"
+    if data is None:
+        return (
+            f'<figure class="missing"><div>[image {name_html} unavailable]</div>'
+            f"<figcaption>{caption_html}</figcaption></figure>",
+            warning,
+        )
+    mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return (
+        f'<figure><img src="{uri}" alt="{caption_html}" data-source-name="{name_html}">'
+        f"<figcaption>{caption_html}</figcaption></figure>",
+        warning,
+    )
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:46em;margin:2em auto;line-height:1.5}figure{margin:1em 0}"
+    "img{max-width:100%}figcaption{color:#555;font-size:.9em}.missing div{padding:2em;background:#eee;color:#a00}"
+    "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.2em .5em}"
+    "pre{background:#f4f4f4;padding:.5em;overflow-x:auto}"
+)
 
 
 def to_html(
     question: str, blocks: list[AnswerBlock], candidates: list[CandidateImage], store: ObjectStore | None
 ) -> tuple[str, list[str]]:
-    """A self-contained page: images are embedded as data URIs read from S3. An image that vanished
-    from S3 becomes a visible placeholder and a warning, never a crash."""
+    """A self-contained page: text blocks rendered from Markdown (the items of a list together, so that
+    they make one `<ol>`/`<ul>`; an image between two items ends the list and the next part starts
+    at its own number), images embedded as data URIs read from S3. An image that vanished from S3
+    becomes a visible placeholder and a warning, never a crash."""
     keys = {c.source_name: (c.s3_key, c.caption) for c in candidates}
     warnings: list[str] = []
     body: list[str] = []
+    items: list[str] = []
+
+    def end_list() -> None:
+        if items:
+            body.append(render_markdown("\n".join(list_lines(items))))
+            items.clear()
+
     for block in blocks:
+        if is_item(block):
+            items.append(block.text or "")
+            continue
+        end_list()
         if block.type == "text":
-            body.append(f"<p>{html.escape(block.text or '')}</p>")
+            body.append(render_markdown(block_markdown(block)))
             continue
-        key, caption = keys.get(block.source_name or "", (None, None))
-        caption_html = html.escape(block.caption or caption or block.source_name or "")
-        data = None
-        if key and store is not None:
-            try:
-                data = store.get(key)
-            except ObjectMissing:
-                warnings.append(f"image {block.source_name} is missing from storage ({key})")
-        if data is None:
-            body.append(
-                f'<figure class="missing"><div>[image {html.escape(block.source_name or "")} '
-                f"unavailable]</div><figcaption>{caption_html}</figcaption></figure>"
-            )
-            continue
-        mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
-        uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
-        body.append(
-            f'<figure><img src="{uri}" alt="{caption_html}" data-source-name="'
-            f'{html.escape(block.source_name or "")}"><figcaption>{caption_html}</figcaption></figure>'
-        )
+        figure, warning = figure_html(block, keys, store)
+        body.append(figure)
+        if warning:
+            warnings.append(warning)
+    end_list()
+    title = html.escape(question)
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(question)}</title><style>body{{font-family:sans-serif;max-width:46em;margin:2em auto;"
-        "line-height:1.5}figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:.9em}"
-        ".missing div{padding:2em;background:#eee;color:#a00}</style></head><body>"
-        f"<h1>{html.escape(question)}</h1>{''.join(body)}</body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{title}</h1>{''.join(body)}</body></html>"
     )
     return page, warnings
 
