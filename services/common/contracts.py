@@ -55,6 +55,26 @@ class JobConfig(Contract):
 
 
 # ------------------------------------------------------------------ retrieval
+class UnitSource(BaseModel):
+    """Where an answer unit stood in its source: the document, the chunk, and its unit number there
+    (1-based, as `services.common.text` counts units; an image at position p follows unit p)."""
+
+    document_id: int
+    doc_key: str
+    position: int = Field(ge=1)
+    chunk_id: int | None = None
+    section: str | None = None  # the heading path of its section
+
+
+class AnswerUnit(BaseModel):
+    """A sentence of an answer; list steps, headings, code and tables are kept whole."""
+
+    text: str
+    kind: str = "sentence"  # sentence | item | heading | code | table
+    level: int | None = Field(default=None, ge=1, le=6)  # a heading's level in its source
+    source: UnitSource | None = None  # None for text an LM wrote: it is matched, not looked up
+
+
 class Passage(BaseModel):
     chunk_id: int
     document_id: int
@@ -64,6 +84,8 @@ class Passage(BaseModel):
     score: float
     vector_rank: int | None = None  # 1-based rank in the vector search, None if not found there
     text_rank: int | None = None  # 1-based rank in the full-text search
+    first_unit: int | None = None  # the document units it holds (None: indexed before units were kept)
+    last_unit: int | None = None
 
 
 class CandidateImage(BaseModel):
@@ -83,6 +105,21 @@ class CandidateImage(BaseModel):
     reasons: list[str]
 
 
+class SourceSection(BaseModel):
+    """A section of a source document that may answer the question (the retriever's choice, best
+    first): its body as answer units with provenance, and the evidence that ranked it."""
+
+    document_id: int
+    doc_key: str
+    path: str  # heading path, "Page > Section > Sub-section" ("" for text before any heading)
+    level: int = 0  # its heading's level; 0 for a document's text before its first heading
+    units: list[AnswerUnit]  # its own text, and its sub-sections when the question asks for them
+    subsections: bool = False  # whether `units` hold its sub-sections
+    truncated: bool = False  # the body was cut at a section or list boundary (length budget)
+    score: float
+    evidence: dict[str, float] = {}  # heading similarity, passage support, full-text rank ...
+
+
 class Retrieval(BaseModel):
     """The retriever's output for one question: what the generator and the inserter work from."""
 
@@ -90,6 +127,7 @@ class Retrieval(BaseModel):
     question: str
     passages: list[Passage]
     candidates: list[CandidateImage]
+    sections: list[SourceSection] = []  # empty for documents indexed before units were stored
 
 
 class StagedImage(Contract):
@@ -132,26 +170,6 @@ class TrainRef(Contract):
 
 
 # ------------------------------------------------------------------ answer stages
-class UnitSource(BaseModel):
-    """Where an answer unit stood in its source: the document, the chunk, and its unit number there
-    (1-based, as `services.common.text` counts units; an image at position p follows unit p)."""
-
-    document_id: int
-    doc_key: str
-    position: int = Field(ge=1)
-    chunk_id: int | None = None
-    section: str | None = None  # the heading path of its section
-
-
-class AnswerUnit(BaseModel):
-    """A sentence of an answer; list steps, headings, code and tables are kept whole."""
-
-    text: str
-    kind: str = "sentence"  # sentence | item | heading | code | table
-    level: int | None = Field(default=None, ge=1, le=6)  # a heading's level in its source
-    source: UnitSource | None = None  # None for text an LM wrote: it is matched, not looked up
-
-
 class TextAnswer(BaseModel):
     """The generator's output: the answer as numbered units (1-based in prompts and plans)."""
 

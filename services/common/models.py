@@ -60,6 +60,10 @@ class Document(Base):
     source_path: Mapped[str | None] = mapped_column(Text)
     content_sha256: Mapped[str] = mapped_column(String(64))
     text: Mapped[str] = mapped_column(Text)
+    # The parsed units, [kind, text, heading level] each, numbered from 1 as images' `position` counts
+    # them: answers are cut from these (whole sections, with provenance). NULL for documents indexed
+    # before it existed; re-ingesting fills it.
+    units: Mapped[list[Any] | None] = mapped_column(nullable=True)
     meta: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     created_at: Mapped[datetime] = utcnow_column()
     updated_at: Mapped[datetime] = utcnow_column(onupdate=func.now())
@@ -78,6 +82,8 @@ class Chunk(Base):
     ordinal: Mapped[int] = mapped_column(Integer)
     heading: Mapped[str | None] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
+    first_unit: Mapped[int | None] = mapped_column(Integer, comment="the document units it holds, 1-based, inclusive")
+    last_unit: Mapped[int | None] = mapped_column(Integer)
     embedding: Mapped[Any] = mapped_column(Vector(), nullable=True)
     embedding_dim: Mapped[int | None] = mapped_column(Integer)
     tsv: Mapped[Any] = mapped_column(

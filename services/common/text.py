@@ -78,6 +78,7 @@ class Unit:
     kind: str  # heading | sentence | item | code | table
     text: str
     heading_path: tuple[str, ...] = ()
+    level: int = 0  # a heading's level (1-6); 0 for every other kind
 
 
 @dataclass
@@ -287,7 +288,7 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
             headings[:] = [(lvl, txt) for lvl, txt in headings if lvl < level] + [(level, text)]
             if title is None and level == 1:
                 title = text
-            units.append(Unit("heading", text, path()))
+            units.append(Unit("heading", text, path(), level))
             for ref in refs:
                 place(ref)
             continue

@@ -2,8 +2,12 @@
 surrounding text), which M2RAG found better than raw pixels.
 
 Backends, chosen per job:
-- `extractive`: picks and orders the most relevant units of the passages (MMR: relevant, not
-  redundant), in document order so list steps keep their order; it never invents text;
+- `extractive`: answers with the source text of the section the retriever found for the question
+  (`Retrieval.sections`: whole, in source order, headings, lists, numbering and tables intact, each
+  unit knowing where it stood). Only when no section fits the question (or the documents were
+  indexed before sections were kept) it picks and orders the most relevant units of the passages
+  (MMR: relevant, not redundant) in document order. It never invents text; the answer says which
+  mode answered and why;
 - `local` / `local:<model>`: a transformers causal LM (SmolLM2-135M-Instruct offline by default);
 - `openai` / `openai:<model>`: any OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI).
 """
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retrieval, TextAnswer
+from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retrieval, SourceSection, TextAnswer
 from services.common.embedding import Embedder
 from services.common.text import parse_markdown
 
@@ -132,6 +136,50 @@ def extractive_answer(
     return [AnswerUnit(text=units[i].text, kind=units[i].kind) for i in chosen]
 
 
+# A section fits the question when its heading path is this similar to it (MiniLM cosine; unrelated
+# headings of one manual score 0.3-0.6 against a question), or holds half of the question's words, or
+# holds the best retrieved passage.
+SECTION_MIN_SIMILARITY = 0.6
+SECTION_MIN_TERMS = 0.5
+
+
+def section_fits(section: SourceSection) -> bool:
+    evidence = section.evidence
+    return bool(section.units) and (
+        evidence.get("heading_similarity", 0.0) >= SECTION_MIN_SIMILARITY
+        or evidence.get("heading_terms", 0.0) >= SECTION_MIN_TERMS
+        or evidence.get("passages", 0.0) >= 1.0
+    )
+
+
+def section_answer(section: SourceSection) -> list[AnswerUnit]:
+    """The section's units; a cut answer ends with a line that says where the rest is."""
+    units = list(section.units)
+    if section.truncated:
+        units.append(AnswerUnit(text=f"(The answer stops here; “{section.path}” continues in {section.doc_key}.)"))
+    return units
+
+
+def extractive(retrieval: Retrieval, embedder: Embedder) -> tuple[list[AnswerUnit], str, list[str], str]:
+    """The extractive answer: (units, mode, sections answered, why)."""
+    best = retrieval.sections[0] if retrieval.sections else None
+    if best is not None and section_fits(best):
+        evidence = ", ".join(f"{key} {value:g}" for key, value in best.evidence.items())
+        scope = "with its sub-sections" if best.subsections else "its own text"
+        reason = f"section “{best.path}” of {best.doc_key}, {scope} ({evidence})"
+        return section_answer(best), "section", [best.path], reason
+    if best is not None:
+        reason = (
+            f"no section fits the question (best: “{best.path}” of {best.doc_key}, {best.evidence}); "
+            "sentences of the passages"
+        )
+        units = extractive_answer(retrieval.question, retrieval.passages, embedder, focus=False)
+    else:
+        reason = "the documents carry no sections (indexed before they were kept; re-ingest); sentences of the passages"
+        units = extractive_answer(retrieval.question, retrieval.passages, embedder)
+    return units, "sentences", [], reason
+
+
 def describe_candidate(candidate: CandidateImage) -> str:
     parts = [f"[{candidate.source_name}]"]
     if candidate.caption:
@@ -168,8 +216,16 @@ def generate(retrieval: Retrieval, backend: str, embedder: Embedder) -> TextAnsw
     started = time.perf_counter()
     match backend.split(":", 1)[0]:
         case "extractive":
-            units = extractive_answer(retrieval.question, retrieval.passages, embedder)
-            return TextAnswer(units=units, backend=backend, seconds=round(time.perf_counter() - started, 4))
+            units, mode, sections, reason = extractive(retrieval, embedder)
+            return TextAnswer(
+                units=units,
+                backend=backend,
+                seconds=round(time.perf_counter() - started, 4),
+                mode=mode,
+                sections=sections,
+                reason=reason,
+                truncated=mode == "section" and retrieval.sections[0].truncated,
+            )
         case "local" | "openai":
             from services.common.llm import LLMError, get_chat_model
 
@@ -182,6 +238,7 @@ def generate(retrieval: Retrieval, backend: str, embedder: Embedder) -> TextAnsw
             return TextAnswer(
                 units=split_answer(result.text),
                 backend=backend,
+                mode="lm",
                 seconds=round(time.perf_counter() - started, 4),
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,

@@ -1,7 +1,13 @@
 """The image inserter: which candidate images illustrate the answer, and after which unit each goes.
 
 Backends:
-- `rule`: the paper's rule-based baseline done well. Each candidate is described by its caption and
+- `rule`: first provenance, then text. An image that stood among the answer's source units goes back
+  exactly where it stood (after the unit it followed, or before the unit it preceded: slot 0 for a
+  section's or document's lead image); no embedding is needed. Images of the answer's own documents
+  that stood elsewhere stay out (they illustrate other sections). What is left — images of other
+  documents, and every image when the units have no provenance (an LM wrote them) — is matched by
+  text, images of other documents only on strong evidence (`STRONG_MATCH`).
+  The text match: each candidate is described by its caption and
   the text that stood around it in its document; an image belongs after the answer unit that
   matches the text it followed (or before the unit that matches the text that followed it), or a
   unit that matches its caption. Thresholds keep weak matches out; at most one image per slot,
@@ -29,6 +35,9 @@ from services.common.embedding import Embedder
 # The inserter backends a job may name (`JobConfig.inserter`): `rule`, `llm[:model spec]`, `checkpoint:<name>`.
 BACKENDS = ("rule", "llm", "checkpoint")
 MATCH_MIN = 0.8
+# An image of another document than the answer's source goes in only when its own context is this
+# close to a unit (near the same sentence): the answer's source already brought its own images.
+STRONG_MATCH = 0.92
 CAPTION_WEIGHT = 0.85  # a caption match is weaker evidence than matching the image's own context
 MAX_NEW_TOKENS = 256
 
@@ -97,6 +106,85 @@ def rule_plan(
         placements[name] = slot
         used_slots.add(slot)
     return [Placement(image=name, after=slot) for name, slot in sorted(placements.items(), key=lambda kv: kv[1])]
+
+
+def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
+    """Images placed by provenance: a candidate at position p of document d goes after the answer unit
+    that was unit p of d, or before the one that was unit p + 1 (an image right after a heading the
+    answer leaves out: slot 0 when it leads the answer). Images that share a slot keep their order."""
+    slot_of: dict[tuple[int, int], int] = {}
+    for index, unit in enumerate(units, 1):
+        if unit.source is not None:
+            slot_of.setdefault((unit.source.document_id, unit.source.position), index)
+    placed: list[tuple[int, int, int, str]] = []
+    for candidate in candidates:
+        if candidate.document_id is None or candidate.position is None:
+            continue
+        key = (candidate.document_id, candidate.position)
+        if key in slot_of:
+            slot = slot_of[key]
+        elif (candidate.document_id, candidate.position + 1) in slot_of:
+            slot = slot_of[(candidate.document_id, candidate.position + 1)] - 1
+        else:
+            continue
+        placed.append((slot, candidate.position, candidate.image_id, candidate.source_name))
+    seen: set[str] = set()
+    placements = []
+    for slot, _, _, name in sorted(placed):
+        if name not in seen:
+            seen.add(name)
+            placements.append(Placement(image=name, after=slot, evidence="source"))
+    return placements
+
+
+def provenance_rule_plan(
+    units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder
+) -> list[Placement]:
+    """The `rule` backend: provenance first, then text matching for what provenance cannot place."""
+    sourced = source_plan(units, candidates)
+    source_documents = {unit.source.document_id for unit in units if unit.source is not None}
+    if not source_documents:
+        return rule_plan(units, candidates, embedder)
+    placed = {placement.image for placement in sourced}
+    others = [c for c in candidates if c.source_name not in placed and c.document_id not in source_documents]
+    taken = {placement.after for placement in sourced}
+    matched = [p for p in same_place_plan(units, others, embedder) if p.after not in taken]
+    return sorted(sourced + matched, key=lambda placement: placement.after)
+
+
+def same_place_plan(units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder) -> list[Placement]:
+    """Images of other documents, each only where it stood between the same two sentences: the text
+    before it matches one answer unit and the text after it the next (both >= STRONG_MATCH), as where
+    a page repeats another's paragraph with its screenshot. Evidence "context"."""
+    if not units or not candidates:
+        return []
+    befores = [last_sentence(c.context_before) for c in candidates]
+    afters = [first_sentence(c.context_after) for c in candidates]
+    vectors = embedder.encode([unit.text for unit in units] + befores + afters)
+    n, m = len(units), len(candidates)
+    unit_v, before_v, after_v = vectors[:n], vectors[n : n + m], vectors[n + m :]
+    placements: list[Placement] = []
+    used: set[int] = set()
+    for j, candidate in enumerate(candidates):
+        if not befores[j] or not afters[j]:
+            continue  # one side alone is not strong evidence of the same place
+        follows, precedes = unit_v @ before_v[j], unit_v @ after_v[j]
+        # slot k: after unit k (1..n-1), so unit k matches the text before and unit k+1 the text after
+        both = np.minimum(follows[:-1], precedes[1:])
+        if not both.size:
+            continue
+        slot = int(np.argmax(both)) + 1
+        if both[slot - 1] >= STRONG_MATCH and slot not in used:
+            used.add(slot)
+            placements.append(
+                Placement(
+                    image=candidate.source_name,
+                    after=slot,
+                    evidence="context",
+                    similarity=round(float(both[slot - 1]), 4),
+                )
+            )
+    return placements
 
 
 def keeps_document_order(candidates: list[CandidateImage], placed: dict[str, int], j: int, slot: int) -> bool:
@@ -202,7 +290,7 @@ def insert(
     started = time.perf_counter()
     kind = backend.split(":", 1)[0]
     if kind == "rule" or not units or not candidates:
-        placements = rule_plan(units, candidates, embedder) if kind == "rule" else []
+        placements = provenance_rule_plan(units, candidates, embedder) if kind == "rule" else []
         return InsertionPlan(placements=placements, backend=backend, seconds=round(time.perf_counter() - started, 4))
     if kind not in ("llm", "checkpoint"):
         raise ValueError(f"unknown inserter backend {backend!r} (rule, llm[:model spec], checkpoint:<name>)")
@@ -216,7 +304,7 @@ def insert(
         placements = parse_plan(raw, units, candidates)
         fallback = None
     except (PlanFormatError, LLMError) as error:
-        placements = rule_plan(units, candidates, embedder)
+        placements = provenance_rule_plan(units, candidates, embedder)
         fallback = f"{type(error).__name__}: {error}"
     return InsertionPlan(
         placements=placements,

@@ -33,7 +33,7 @@ from services.retriever.importers import parse_source
 from services.retriever.sources import FileRefused, Skipped, SourceDocument, read_regular_file
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
-CHUNKER_VERSION = "1"
+CHUNKER_VERSION = "2"  # 2: documents keep their units, chunks their unit range
 
 
 class CollectionModelMismatch(ValueError):
@@ -206,6 +206,11 @@ def embed(prepared: list[PreparedDocument], embedder: Embedder) -> None:
         cursor += chunk_count + image_count
 
 
+def stored_units(parsed: ParsedDocument) -> list[list]:
+    """The document's units as `documents.units` keeps them: [kind, text, heading level], in order."""
+    return [[unit.kind, unit.text, unit.level] for unit in parsed.units]
+
+
 def write(session: Session, collection: Collection, entry: PreparedDocument) -> IndexOutcome:
     """The document row (upserted by key), and its images and chunks in place of the old ones."""
     document, parsed, title = entry.document, entry.parsed, entry.title
@@ -214,6 +219,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
         "source_path": document.source_path,
         "content_sha256": entry.digest,
         "text": parsed.text,
+        "units": stored_units(parsed),
         "meta": document.meta,
     }
     document_id = session.execute(
@@ -261,6 +267,8 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
                 ordinal=chunk.ordinal,
                 heading=chunk.heading or None,
                 text=chunk.text,
+                first_unit=chunk.first_unit,
+                last_unit=chunk.last_unit,
                 embedding=vector.tolist(),
                 embedding_dim=collection.embedding_dim,
                 image_ids=[image_ids[i] for i in chunk.image_indexes if image_ids[i]],

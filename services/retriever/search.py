@@ -8,15 +8,35 @@ same reciprocal-rank fusion.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from services.common.contracts import DEFAULT_CANDIDATES, DEFAULT_TOP_K, CandidateImage, Passage, Retrieval
+from services.common.contracts import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_TOP_K,
+    CandidateImage,
+    Passage,
+    Retrieval,
+    SourceSection,
+)
 from services.common.db import vector_literal
 from services.common.embedding import Embedder
 from services.common.models import Collection, Image
 from services.common.settings import get_settings
+from services.retriever.sections import (
+    Section,
+    StoredUnit,
+    answer_units,
+    document_sections,
+    section_body,
+    stored_units,
+    terms,
+    wants_subsections,
+)
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion
@@ -82,7 +102,8 @@ def retrieve(
         raise ValueError(f"top_k={top_k}: use 1..{MAX_RESULTS} passages")
     if not 0 <= max_candidates <= MAX_RESULTS:
         raise ValueError(f"candidates={max_candidates}: use 0..{MAX_RESULTS} images")
-    query_vector = vector_literal(embedder.encode([question])[0])
+    query = embedder.encode([question])[0]
+    query_vector = vector_literal(query)
     pool = max(POOL, top_k * 4)
     by_vector = {
         chunk_id: rank
@@ -97,7 +118,7 @@ def retrieve(
     if fused:
         rows = session.execute(
             text(
-                "SELECT c.id, c.document_id, d.doc_key, c.heading, c.text, c.image_ids "
+                "SELECT c.id, c.document_id, d.doc_key, c.heading, c.text, c.image_ids, c.first_unit, c.last_unit "
                 "FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.id = ANY(:ids)"
             ),
             {"ids": [cid for _, cid in fused]},
@@ -115,6 +136,8 @@ def retrieve(
                     score=round(score, 6),
                     vector_rank=by_vector.get(cid),
                     text_rank=by_text.get(cid),
+                    first_unit=row.first_unit,
+                    last_unit=row.last_unit,
                 )
             )
         passage_images = [
@@ -122,8 +145,12 @@ def retrieve(
         ]
     else:
         passage_images = []
-    candidates = candidate_images(session, collection, query_vector, passage_images, max_candidates)
-    return Retrieval(collection=collection.name, question=question, passages=passages, candidates=candidates)
+    sections = source_sections(session, question, query, passages, embedder)
+    section_images = images_of_section(session, sections[0]) if sections else []
+    candidates = candidate_images(session, collection, query_vector, passage_images, max_candidates, section_images)
+    return Retrieval(
+        collection=collection.name, question=question, passages=passages, candidates=candidates, sections=sections
+    )
 
 
 def candidate_images(
@@ -132,11 +159,18 @@ def candidate_images(
     query_vector: str,
     passage_images: list[tuple[int, int]],
     limit: int,
+    section_images: list[int] | None = None,
 ) -> list[CandidateImage]:
     """Fuse images of retrieved passages (ranked by their passage) with images whose description
-    matches the question; one entry per source name, the best-scored occurrence kept."""
+    matches the question; one entry per source name, the best-scored occurrence kept. The images of
+    the best section (`section_images`, in document order) come first, each in the occurrence that
+    stands in that section, even past `limit`: the answer is made from that section."""
+    section_images = section_images or []
     scores: dict[int, float] = defaultdict(float)
     reasons: dict[int, set[str]] = defaultdict(set)
+    for rank, image_id in enumerate(section_images, 1):
+        scores[image_id] += 1.0 + rrf(rank)  # above any fused score (each list adds at most 1/61)
+        reasons[image_id].add("section")
     for rank, image_id in passage_images:
         if "passage" not in reasons[image_id]:
             scores[image_id] += rrf(rank)
@@ -155,6 +189,7 @@ def candidate_images(
             Image.context_before,
             Image.context_after,
             Image.document_id,
+            Image.position,
         ).where(Image.id.in_(list(scores)))
     ).all()
     doc_keys = dict(
@@ -169,7 +204,8 @@ def candidate_images(
         kept = best.get(image.source_name)
         if kept is None or candidate.score > kept.score:
             best[image.source_name] = candidate
-    return sorted(best.values(), key=lambda c: (-c.score, c.source_name))[:limit]
+    ranked = sorted(best.values(), key=lambda c: (-c.score, c.source_name))
+    return ranked[: max(limit, sum("section" in c.reasons for c in ranked))]
 
 
 def candidate_of(image, doc_key: str, score: float, reasons) -> CandidateImage:
@@ -184,4 +220,146 @@ def candidate_of(image, doc_key: str, score: float, reasons) -> CandidateImage:
         doc_key=doc_key,
         score=score,
         reasons=sorted(reasons),
+        document_id=image.document_id,
+        position=image.position,
     )
+
+
+# ------------------------------------------------------------------ question -> section
+SECTION_DOCUMENTS = 3  # documents of the top passages whose sections compete
+SECTIONS_KEPT = 3  # sections handed to the generator, best first
+# What each kind of evidence adds to the heading path's cosine similarity (MiniLM cosines of a
+# question and its section's heading run 0.6-0.95): all of the question's words in the heading path
+# are worth about as much as the gap between a right and a wrong heading's similarity, and the
+# passages inside a section break ties between similar headings.
+LEXICAL_WEIGHT = 0.5
+SUPPORT_WEIGHT = 0.3
+
+
+def source_sections(
+    session: Session, question: str, query: np.ndarray, passages: list[Passage], embedder: Embedder
+) -> list[SourceSection]:
+    """The sections of the top passages' documents that may answer the question, best first, each
+    with its answer units (whole: own text, sub-sections when the question asks for a procedure).
+
+    A section scores by three kinds of evidence: its heading path's similarity to the question
+    (dense), the share of the question's content words its heading path holds (full text, stemmed),
+    and the retrieved passages inside its own text (the fused search, relative to the top passage).
+    A sub-section whose own heading says nothing the question asks about gives way to the section
+    around it ("How do I make X?" is about the recipe X, not its "Directions")."""
+    document_ids: list[int] = []
+    for passage in passages:
+        if passage.document_id not in document_ids and len(document_ids) < SECTION_DOCUMENTS:
+            document_ids.append(passage.document_id)
+    if not document_ids:
+        return []
+    rows = session.execute(
+        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
+        {"ids": document_ids},
+    ).all()
+    entries: list[SectionEntry] = []
+    for row in sorted(rows, key=lambda r: document_ids.index(r.id)):
+        units = stored_units(row.units)
+        sections = [section for section in document_sections(units, row.title) if section.path]
+        entries += [SectionEntry(row, units, sections, section) for section in sections]
+    if not entries:
+        return []
+    question_terms = terms(question)
+    dense = embedder.encode([entry.section.label for entry in entries]) @ query
+    top_score = passages[0].score or 1.0
+    for entry, heading_similarity in zip(entries, dense, strict=True):
+        section = entry.section
+        support = max(
+            (
+                p.score
+                for p in passages
+                if p.document_id == entry.row.id
+                and p.first_unit is not None
+                and p.first_unit <= section.own_end
+                and p.last_unit >= section.heading
+            ),
+            default=0.0,
+        )
+        path_terms = terms(section.label)
+        lexical = len(question_terms & path_terms) / len(question_terms) if question_terms else 0.0
+        entry.novel = terms(section.path[-1]) - terms(" ".join(section.path[:-1]))
+        entry.evidence = {
+            "heading_similarity": round(float(heading_similarity), 4),
+            "heading_terms": round(lexical, 4),
+            "passages": round(support / top_score, 4),
+        }
+        entry.score = float(heading_similarity) + LEXICAL_WEIGHT * lexical + SUPPORT_WEIGHT * support / top_score
+    entries.sort(key=lambda entry: -entry.score)
+    best = climb_to_parent(entries[0], entries, question_terms)
+    ranked = [best, *(entry for entry in entries if entry is not best)]
+    chunk_of = chunk_positions(passages)
+    result = []
+    for entry in ranked[:SECTIONS_KEPT]:
+        subsections = wants_subsections(entry.section, entry.units, question)
+        numbers, truncated = section_body(entry.section, entry.units, subsections=subsections)
+        result.append(
+            SourceSection(
+                document_id=entry.row.id,
+                doc_key=entry.row.doc_key,
+                path=entry.section.label,
+                level=entry.section.level,
+                units=answer_units(numbers, entry.units, entry.sections, entry.row.id, entry.row.doc_key, chunk_of),
+                subsections=subsections,
+                truncated=truncated,
+                score=round(entry.score, 4),
+                evidence=entry.evidence,
+            )
+        )
+    return result
+
+
+@dataclass(eq=False)
+class SectionEntry:
+    row: Any  # documents row: id, doc_key, title, units
+    units: list[StoredUnit]
+    sections: list[Section]
+    section: Section
+    score: float = 0.0
+    evidence: dict[str, float] = field(default_factory=dict)
+    novel: frozenset[str] = frozenset()  # its own heading's terms that its parents' headings lack
+
+
+def climb_to_parent(best: SectionEntry, entries: list[SectionEntry], question_terms: frozenset[str]) -> SectionEntry:
+    """While the best section's own heading adds no word the question asks about, the section around
+    it answers instead (it holds the sub-section, and more of what was asked)."""
+    by_path = {(entry.row.id, entry.section.path): entry for entry in entries}
+    while len(best.section.path) > 1 and not best.novel & question_terms:
+        parent = None
+        for length in range(len(best.section.path) - 1, 0, -1):
+            parent = by_path.get((best.row.id, best.section.path[:length]))
+            if parent is not None:
+                break
+        if parent is None:
+            break
+        best = parent
+    return best
+
+
+def chunk_positions(passages: list[Passage]) -> dict[int, int]:
+    """Unit number -> chunk id, for the units the retrieved passages hold."""
+    positions: dict[int, int] = {}
+    for passage in passages:
+        if passage.first_unit is not None and passage.last_unit is not None:
+            for number in range(passage.first_unit, passage.last_unit + 1):
+                positions.setdefault(number, passage.chunk_id)
+    return positions
+
+
+def images_of_section(session: Session, section: SourceSection) -> list[int]:
+    """The images standing in the section's answer (after its heading or one of its units), in order."""
+    if not section.units:
+        return []
+    positions = [unit.source.position for unit in section.units if unit.source]
+    low = min(positions) - 1  # right after the heading: before the first unit
+    rows = session.execute(
+        select(Image.id, Image.position)
+        .where(Image.document_id == section.document_id, Image.position >= low, Image.position <= max(positions))
+        .order_by(Image.position, Image.id)
+    ).all()
+    held = set(positions) | {low}
+    return [row.id for row in rows if row.position in held]
