@@ -1,15 +1,24 @@
-"""Answer quality on ../shared/corpora: the MRAMG metrics for each inserter and generator backend.
+"""Answer quality on ../shared/corpora: the MRAMG metrics per pipeline, all corpora in one collection.
 
-Two settings, on every question of each corpus (collections `bench-<corpus>` from
-bench/retrieval_quality.py are ingested first if missing):
-- gold text: the gold answer's own sentences are given, so only the inserter is measured;
-- end to end: retrieved passages -> generator -> inserter.
-Baselines: `random` (as many random candidates as the gold has images, at random slots, seeded)
-and `top-first` (the best-scored candidate before the first sentence).
-Latency per answer is measured per backend, and tokens/s for LM backends.
+Every document of every development corpus is ingested into one collection (`bench-dev` by
+default, so a question can be answered from the wrong corpus), then every question of each corpus
+is answered in process with the stages' own functions. Two settings:
+- `gold`: the gold answer's own text is given as plain units, without provenance (as an LM's answer
+  would arrive), so only the inserter is measured: `rule` (text matching), `random` (as many random
+  candidates as the gold has images, at random slots, seeded), `top-first` (the best candidate
+  before the first unit);
+- `e2e`: retrieval -> generator -> inserter:
+  - `section+rule`: the default (the retriever's best section, whole, images where they stood);
+  - `section+top-first`: the same answer text, the best candidate before it;
+  - `best-section`: the naive baseline: the section of the top documents whose heading is most
+    similar to the question, with its sub-sections, and all its images where they stood;
+  - `previous`: the pipeline before sections (MMR sentence picks of the focused passages, images by
+    text matching only).
+Per corpus: image P/R/F1, ordering, position accuracy (aligned to the gold text), ROUGE-L,
+section-hit rate (the gold section answered) and latency p50/p99 per answer.
 
-    .venv/bin/python bench/answer_quality.py [--inserters rule llm random top-first] \
-        [--generators extractive local] [--limit N] [--lm-limit 20] [--out bench/results/answers.json]
+    .venv/bin/python -m bench.answer_quality [--collection bench-dev] [--limit N] \
+        [--label ocr-off] [--out bench/results/answer_quality.json]
 """
 
 from __future__ import annotations
@@ -21,14 +30,20 @@ import statistics
 import time
 from pathlib import Path
 
+from sqlalchemy import text
+
 from bench.retrieval_quality import DEFAULT_CORPORA, ingest_corpus
-from services.common.contracts import AnswerUnit, InsertionPlan, Placement, Retrieval
+from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement, Retrieval, TextAnswer
 from services.common.db import session_scope
-from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
+from services.common.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, get_embedder
 from services.common.metrics import aggregate, answer_metrics, parse_gold_answer
-from services.generator.core import generate
-from services.inserter.core import insert
-from services.retriever.search import UnknownCollection, get_collection, retrieve
+from services.generator.core import extractive_answer, generate
+from services.inserter.core import insert, rule_plan, source_plan
+from services.jobs.evaluate import section_hit
+from services.retriever.search import SECTION_DOCUMENTS, UnknownCollection, get_collection, retrieve
+from services.retriever.sections import answer_units, document_sections, section_body, stored_units
+
+PIPELINES = ("section+rule", "section+top-first", "best-section", "previous")
 
 
 def basename(name: str) -> str:
@@ -45,74 +60,123 @@ def baseline_plan(kind: str, units: list[AnswerUnit], retrieval: Retrieval, gold
     return InsertionPlan(placements=sorted(placements, key=lambda p: p.after), backend=kind)
 
 
-def score(units: list[AnswerUnit], plan: InsertionPlan, question: dict) -> dict:
-    ordered = [basename(p.image) for p in sorted(plan.placements, key=lambda p: p.after)]
-    positions = {basename(p.image): p.after for p in plan.placements}
-    texts = [unit.text for unit in units]
-    return answer_metrics(texts, ordered, positions, question["gold_answer"], question.get("gold_images", []))
+def score(answer: TextAnswer, plan: InsertionPlan, question: dict) -> dict:
+    placements = sorted(plan.placements, key=lambda p: p.after)
+    ordered = [basename(p.image) for p in placements]
+    positions = {basename(p.image): p.after for p in placements}
+    gold_images = [basename(name) for name in question.get("gold_images", [])]
+    row = answer_metrics([u.text for u in answer.units], ordered, positions, question["gold_answer"], gold_images)
+    row["section_hit"] = section_hit(answer, question) if answer.backend != "gold" else None
+    return row
 
 
-def run_corpus(root: Path, args) -> dict:
-    name = f"bench-{root.name}"
-    embedder = get_embedder(args.model)
-    with session_scope() as session:
-        try:
-            get_collection(session, name)
-        except UnknownCollection:
-            ingest_corpus(root, name, args.model)
+def best_heading_answer(session, retrieval: Retrieval, embedder: Embedder) -> tuple[TextAnswer, InsertionPlan]:
+    """The naive baseline: the section of the top documents whose heading is most similar to the
+    question, with its sub-sections, and every image standing in it, where it stood."""
+    document_ids: list[int] = []
+    for passage in retrieval.passages:
+        if passage.document_id not in document_ids and len(document_ids) < SECTION_DOCUMENTS:
+            document_ids.append(passage.document_id)
+    rows = session.execute(
+        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
+        {"ids": document_ids},
+    ).all()
+    entries = []
+    for row in rows:
+        units = stored_units(row.units)
+        sections = [s for s in document_sections(units, row.title) if s.path]
+        entries += [(row, units, sections, section) for section in sections]
+    if not entries:
+        return TextAnswer(units=[], backend="best-section"), InsertionPlan(placements=[], backend="best-section")
+    query = embedder.encode([retrieval.question])[0]
+    similarity = embedder.encode([entry[3].path[-1] for entry in entries]) @ query
+    row, units, sections, section = entries[int(similarity.argmax())]
+    numbers, _ = section_body(section, units, subsections=True, max_words=10**9)
+    answer = TextAnswer(
+        units=answer_units(numbers, units, sections, row.id, row.doc_key),
+        backend="best-section",
+        mode="section",
+        sections=[section.label],
+    )
+    images = session.execute(
+        text(
+            "SELECT id, source_name, position FROM images WHERE document_id = :d AND position BETWEEN :low AND :high "
+            "ORDER BY position, id"
+        ),
+        {"d": row.id, "low": section.heading, "high": section.end},
+    ).all()
+    candidates = [
+        CandidateImage(
+            image_id=image.id,
+            source_name=image.source_name,
+            s3_key="",
+            caption=None,
+            context_before=None,
+            context_after=None,
+            doc_key=row.doc_key,
+            score=0.0,
+            reasons=["section"],
+            document_id=row.id,
+            position=image.position,
+        )
+        for image in images
+    ]
+    return answer, InsertionPlan(placements=source_plan(answer.units, candidates), backend="best-section")
+
+
+def run_corpus(root: Path, collection_name: str, embedder: Embedder, limit: int) -> dict:
     questions = [json.loads(line) for line in (root / "questions.jsonl").read_text().splitlines() if line.strip()]
-    if args.limit:
-        questions = questions[: args.limit]
+    if limit:
+        questions = questions[:limit]
     rows: dict[str, list[dict]] = {}
     latencies: dict[str, list[float]] = {}
-    tokens: dict[str, list[tuple[int, float]]] = {}
-    fallbacks: dict[str, int] = {}
+
+    def record(key: str, seconds: float, row: dict) -> None:
+        latencies.setdefault(key, []).append(seconds)
+        rows.setdefault(key, []).append(row)
+
     with session_scope() as session:
-        collection = get_collection(session, name)
-        retrievals = [retrieve(session, collection, q["question"], embedder) for q in questions]
-    for index, (question, retrieval) in enumerate(zip(questions, retrievals, strict=True)):
-        gold_units_text, _ = parse_gold_answer(question["gold_answer"], question.get("gold_images", []))
-        gold_units = [AnswerUnit(text=text) for text in gold_units_text]
-        for inserter in args.inserters:
-            if inserter in ("llm",) and index >= args.lm_limit:
-                continue
+        collection = get_collection(session, collection_name)
+        for index, question in enumerate(questions):
             started = time.perf_counter()
-            if inserter in ("random", "top-first"):
-                plan = baseline_plan(inserter, gold_units, retrieval, len(question.get("gold_images", [])), index)
-            else:
-                plan = insert(gold_units, retrieval.candidates, inserter, embedder)
-                if plan.fallback_reason:
-                    fallbacks[f"gold/{inserter}"] = fallbacks.get(f"gold/{inserter}", 0) + 1
-            latencies.setdefault(f"gold/{inserter}", []).append(time.perf_counter() - started)
-            rows.setdefault(f"gold/{inserter}", []).append(score(gold_units, plan, question))
-        for generator in args.generators:
-            if generator.startswith(("local", "openai")) and index >= args.lm_limit:
-                continue
-            started = time.perf_counter()
-            answer = generate(retrieval, generator, embedder)
-            generated = time.perf_counter() - started
-            if answer.completion_tokens:
-                tokens.setdefault(generator, []).append((answer.completion_tokens, generated))
-            for inserter in ("rule", "top-first"):
+            retrieval = retrieve(session, collection, question["question"], embedder)
+            retrieved = time.perf_counter() - started
+            # gold text, no provenance: the inserter alone
+            gold_texts, _ = parse_gold_answer(question["gold_answer"], question.get("gold_images", []))
+            gold_answer = TextAnswer(units=[AnswerUnit(text=t) for t in gold_texts], backend="gold")
+            for inserter in ("rule", "random", "top-first"):
                 started = time.perf_counter()
                 if inserter == "rule":
-                    plan = insert(answer.units, retrieval.candidates, "rule", embedder)
+                    plan = insert(gold_answer.units, retrieval.candidates, "rule", embedder)
                 else:
-                    plan = baseline_plan(inserter, answer.units, retrieval, 0, index)
-                key = f"e2e/{generator}+{inserter}"
-                latencies.setdefault(key, []).append(generated + time.perf_counter() - started)
-                rows.setdefault(key, []).append(score(answer.units, plan, question))
+                    gold_count = len(question.get("gold_images", []))
+                    plan = baseline_plan(inserter, gold_answer.units, retrieval, gold_count, index)
+                record(f"gold/{inserter}", time.perf_counter() - started, score(gold_answer, plan, question))
+            # end to end
+            started = time.perf_counter()
+            answer = generate(retrieval, "extractive", embedder)
+            generated = time.perf_counter() - started
+            started = time.perf_counter()
+            plan = insert(answer.units, retrieval.candidates, "rule", embedder)
+            seconds = retrieved + generated + time.perf_counter() - started
+            record("e2e/section+rule", seconds, score(answer, plan, question))
+            plan = baseline_plan("top-first", answer.units, retrieval, 0, index)
+            record("e2e/section+top-first", retrieved + generated, score(answer, plan, question))
+            started = time.perf_counter()
+            naive, naive_plan = best_heading_answer(session, retrieval, embedder)
+            record("e2e/best-section", retrieved + time.perf_counter() - started, score(naive, naive_plan, question))
+            started = time.perf_counter()
+            units = extractive_answer(retrieval.question, retrieval.passages, embedder)
+            previous = TextAnswer(units=units, backend="previous", mode="sentences")
+            previous_plan = InsertionPlan(placements=rule_plan(units, retrieval.candidates, embedder), backend="rule")
+            record("e2e/previous", retrieved + time.perf_counter() - started, score(previous, previous_plan, question))
     report = {}
     for key, values in rows.items():
-        entry = aggregate(values)
+        entry = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in aggregate(values).items()}
         times = sorted(latencies[key])
         entry["latency_p50_ms"] = round(statistics.median(times) * 1000, 1)
         entry["latency_p99_ms"] = round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 1)
-        if key in fallbacks:
-            entry["fallbacks"] = fallbacks[key]
         report[key] = entry
-    for generator, pairs in tokens.items():
-        report.setdefault("tokens_per_s", {})[generator] = round(sum(t for t, _ in pairs) / sum(s for _, s in pairs), 1)
     return report
 
 
@@ -120,16 +184,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
     parser.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL)
-    parser.add_argument("--inserters", nargs="+", default=["rule", "random", "top-first"])
-    parser.add_argument("--generators", nargs="+", default=["extractive"])
+    parser.add_argument("--collection", default="bench-dev", help="one collection for every corpus")
+    parser.add_argument("--label", default="default", help="names this run in the output (e.g. ocr-off)")
     parser.add_argument("--limit", type=int, default=0, help="questions per corpus (0 = all)")
-    parser.add_argument("--lm-limit", type=int, default=20, help="questions per corpus for LM backends")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    report = {}
-    for root in sorted(p for p in args.corpora.iterdir() if (p / "questions.jsonl").exists()):
-        report[root.name] = run_corpus(root, args)
-        for key, entry in report[root.name].items():
+    embedder = get_embedder(args.model)
+    roots = sorted(p for p in args.corpora.iterdir() if (p / "questions.jsonl").exists())
+    with session_scope() as session:
+        try:
+            get_collection(session, args.collection)
+            missing = False
+        except UnknownCollection:
+            missing = True
+    if missing:
+        for root in roots:
+            print("ingest", root.name, ingest_corpus(root, args.collection, args.model))
+    report = {"collection": args.collection, "label": args.label, "corpora": {}}
+    for root in roots:
+        report["corpora"][root.name] = run_corpus(root, args.collection, embedder, args.limit)
+        for key, entry in report["corpora"][root.name].items():
             print(root.name, key, json.dumps(entry))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,11 +106,13 @@ def test_submit_wait_status_export_retry_eval(workers, tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert last_line(exported.stdout) == str(out / "index.html")
     fry = json.loads((out / "pancakes_fry.json").read_text())
-    assert set(fry) == {"id", "question", "status", "blocks", "error"}
+    assert set(fry) == {"id", "question", "status", "blocks", "answered_from", "placements", "error"}
     assert fry["id"] == "pancakes/fry" and fry["status"] == "succeeded" and fry["error"] is None
     images = [b for b in fry["blocks"] if b["type"] == "image"]
     assert {"type": "image", "source_name": "images/frying.jpg", "caption": "Pancake frying in a pan"} in images
-    assert all(set(b) == {"type", "text"} for b in fry["blocks"] if b["type"] == "text")
+    assert all({"type", "text", "kind"} <= set(b) for b in fry["blocks"] if b["type"] == "text")
+    assert fry["answered_from"]["mode"] in ("section", "sentences") and fry["answered_from"]["reason"]
+    assert {p["image"] for p in fry["placements"]} == {b["source_name"] for b in images}
     assert "![Pancake frying in a pan](images/frying.jpg)" in (out / "pancakes_fry.md").read_text()
     assert (out / "images" / "frying.jpg").read_bytes()[:2] == b"\xff\xd8"  # the Markdown's image, beside it
     assert "data:image/jpeg;base64," in (out / "pancakes_fry.html").read_text()

@@ -75,10 +75,10 @@ def render(settings) -> None:
     if view.error:
         st.error(view.error)
     if view.metrics:
-        cols = st.columns(6)
+        cols = st.columns(7)
         for col, key in zip(
             cols,
-            ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l"),
+            ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l", "section_hit"),
             strict=True,
         ):
             value = view.metrics.get(key)
@@ -94,6 +94,9 @@ def render(settings) -> None:
         show_blocks(view)
     if not view.blocks and not view.error:
         st.info(f"No answer yet ({view.status}).")
+    if view.text_answer and view.text_answer.reason:
+        # how the answer was made: a whole source section (which one, on what evidence) or sentences
+        st.caption(f"answered from {view.text_answer.mode}: {view.text_answer.reason}")
     if view.plan:
         with st.expander(f"Insertion plan ({view.plan.backend}, {len(view.plan.placements)} images)", expanded=True):
             units = view.text_answer.units if view.text_answer else []
@@ -103,6 +106,8 @@ def render(settings) -> None:
                         "image": p.image,
                         "after sentence": p.after,
                         "sentence": units[p.after - 1].text if 0 < p.after <= len(units) else "(before the first)",
+                        "placed by": p.evidence or "?",
+                        "similarity": p.similarity,
                     }
                     for p in view.plan.placements
                 ],

@@ -63,7 +63,9 @@ class Document(Base):
     # The parsed units, [kind, text, heading level] each, numbered from 1 as images' `position` counts
     # them: answers are cut from these (whole sections, with provenance). NULL for documents indexed
     # before it existed; re-ingesting fills it.
-    units: Mapped[list[Any] | None] = mapped_column(nullable=True)
+    units: Mapped[list[Any] | None] = mapped_column(
+        nullable=True, comment="parsed units: [kind, text, heading level], 1-based"
+    )
     meta: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     created_at: Mapped[datetime] = utcnow_column()
     updated_at: Mapped[datetime] = utcnow_column(onupdate=func.now())

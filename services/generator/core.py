@@ -137,8 +137,8 @@ def extractive_answer(
 
 
 # A section fits the question when its heading path is this similar to it (MiniLM cosine; unrelated
-# headings of one manual score 0.3-0.6 against a question), or holds half of the question's words, or
-# holds the best retrieved passage.
+# headings of one manual score 0.3-0.6 against a question), or holds half of the question's content
+# words. Holding the best passage is not enough: some passage is always best.
 SECTION_MIN_SIMILARITY = 0.6
 SECTION_MIN_TERMS = 0.5
 
@@ -148,7 +148,6 @@ def section_fits(section: SourceSection) -> bool:
     return bool(section.units) and (
         evidence.get("heading_similarity", 0.0) >= SECTION_MIN_SIMILARITY
         or evidence.get("heading_terms", 0.0) >= SECTION_MIN_TERMS
-        or evidence.get("passages", 0.0) >= 1.0
     )
 
 

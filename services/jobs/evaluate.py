@@ -17,16 +17,24 @@ from typing import Any
 
 from sqlalchemy import select
 
-from services.common.contracts import JobConfig, Retrieval
+from services.common.contracts import JobConfig, Retrieval, TextAnswer
 from services.common.db import session_scope
 from services.common.metrics import aggregate, answer_metrics
 from services.common.models import EvalRun, Query
 from services.common.stage_runs import StageOutputs, outputs_of_job
 from services.jobs.status import job_status, parse_job_id
 
-ANSWER_METRICS = ("image_precision", "image_recall", "image_f1", "ordering", "position_accuracy", "rouge_l")
+ANSWER_METRICS = (
+    "image_precision",
+    "image_recall",
+    "image_f1",
+    "ordering",
+    "position_accuracy",
+    "rouge_l",
+    "section_hit",
+)
 RETRIEVAL_METRICS = ("retrieval_image_recall", "retrieval_doc_hit")
-PLOTTED = ("image_f1", "ordering", "position_accuracy", "rouge_l", "retrieval_image_recall")
+PLOTTED = ("image_f1", "ordering", "position_accuracy", "rouge_l", "section_hit", "retrieval_image_recall")
 
 
 def basename(name: str) -> str:
@@ -48,6 +56,27 @@ def retrieval_metrics(retrieval: Retrieval | None, gold: dict[str, Any]) -> dict
     return {"retrieval_image_recall": image_recall, "retrieval_doc_hit": doc_hit}
 
 
+def section_hit(answer: TextAnswer | None, gold: dict[str, Any]) -> float | None:
+    """1.0 when the answer was cut from the gold section (`section`: its heading path, `doc_id`: its
+    document), 0.0 otherwise (another section, or no section: sentences or an LM's text); None when
+    the gold names no section. Heading paths are compared with their whitespace collapsed.
+
+    >>> from services.common.contracts import AnswerUnit, UnitSource
+    >>> unit = AnswerUnit(text="Mix.", source=UnitSource(document_id=1, doc_key="pie", position=2))
+    >>> answer = TextAnswer(units=[unit], backend="extractive", mode="section", sections=["Pie  > Steps"])
+    >>> section_hit(answer, {"section": "Pie > Steps", "doc_id": "pie"}), section_hit(answer, {"doc_id": "pie"})
+    (1.0, None)
+    """
+    if not gold.get("section"):
+        return None
+    if answer is None or answer.mode != "section" or not answer.sections:
+        return 0.0
+    documents = {unit.source.doc_key for unit in answer.units if unit.source is not None}
+    same_document = not gold.get("doc_id") or gold["doc_id"] in documents
+    same_path = " ".join(answer.sections[0].split()) == " ".join(str(gold["section"]).split())
+    return float(same_document and same_path)
+
+
 def score_query(question: str, gold: dict[str, Any], outputs: StageOutputs, status: str) -> dict[str, Any]:
     retrieval, answer, plan = outputs.retrieval, outputs.answer, outputs.plan
     row: dict[str, Any] = {}
@@ -58,12 +87,15 @@ def score_query(question: str, gold: dict[str, Any], outputs: StageOutputs, stat
         units = [unit.text for unit in answer.units]
         gold_images = [basename(name) for name in gold.get("gold_images", [])]
         row.update(answer_metrics(units, ordered, positions, gold["gold_answer"], gold_images))
+        row["section_hit"] = section_hit(answer, gold)
         row["images_placed"] = len(placements)
         row["fallback"] = bool(plan.fallback_reason)
     else:
         row.update({key: 0.0 for key in ANSWER_METRICS})
         if not gold.get("gold_images"):
             row["position_accuracy"] = None
+        if not gold.get("section"):
+            row["section_hit"] = None
         row["images_placed"] = 0
     row.update(retrieval_metrics(retrieval, gold))
     return row

@@ -1,8 +1,11 @@
 """Export a job's answers: per question `<id>.md`, `<id>.html`, `<id>.json`, the images the Markdown
 links to, and an `index.html` that links everything.
 
-The JSON of a question is `{"id", "question", "status", "blocks": [{"type": "text", "text": ...},
-{"type": "image", "source_name": ..., "caption": ...}], "error"}`. The HTML is the merger's
+The JSON of a question is `{"id", "question", "status", "blocks": [{"type": "text", "text": ...,
+"kind": ..., "level"?}, {"type": "image", "source_name": ..., "caption": ...}], "answered_from": {"mode",
+"sections", "reason", "truncated"}, "placements": [{"image", "after", "evidence", "similarity"}],
+"error"}`: text blocks keep their Markdown and unit kind (paragraph, item, heading, code, table),
+and the answer says how it was made and what placed each image. The HTML is the merger's
 self-contained page (images embedded); the Markdown links images by source name, and those files
 are written next to it, so both render offline. An image whose name would overwrite a question's
 file or `index.html` (or another image, or stand where a folder of them is) goes under `images/`
@@ -26,7 +29,7 @@ from services.common.contracts import AnswerBlock
 from services.common.db import session_scope
 from services.common.models import Answer, Query
 from services.common.queues import Stage
-from services.common.stage_runs import outputs_of_job
+from services.common.stage_runs import StageOutputs, outputs_of_job
 from services.common.storage import ObjectMissing, ObjectStore, get_store
 from services.jobs.status import job_status, parse_job_id
 from services.merger.core import markdown_text, to_html, to_markdown
@@ -55,8 +58,28 @@ def export_blocks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if block.get("type") == "image":
             out.append({"type": "image", "source_name": block.get("source_name"), "caption": block.get("caption")})
         else:
-            out.append({"type": "text", "text": block.get("text", "")})
+            entry = {"type": "text", "text": block.get("text", ""), "kind": block.get("kind") or "paragraph"}
+            if block.get("level"):
+                entry["level"] = block["level"]
+            out.append(entry)
     return out
+
+
+def answer_record(outputs: StageOutputs | None) -> dict[str, Any]:
+    """How the answer was made: the generator's mode, sections and reason; the inserter's placements."""
+    text_answer = outputs.answer if outputs else None
+    plan = outputs.plan if outputs else None
+    return {
+        "answered_from": {
+            "mode": text_answer.mode,
+            "sections": text_answer.sections,
+            "reason": text_answer.reason,
+            "truncated": text_answer.truncated,
+        }
+        if text_answer
+        else None,
+        "placements": [p.model_dump(mode="json") for p in plan.placements] if plan else [],
+    }
 
 
 def safe_relative(name: str) -> PurePosixPath | None:
@@ -125,7 +148,8 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
             .where(Query.job_id == job_id)
             .order_by(Query.line.nulls_last(), Query.created_at)
         ).all()
-    retrievals = {query_id: out.retrieval for query_id, out in outputs_of_job(job_id, [Stage.RETRIEVER]).items()}
+    outputs = outputs_of_job(job_id, [Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER])
+    retrievals = {query_id: out.retrieval for query_id, out in outputs.items() if out.retrieval is not None}
     taken: set[str] = {"index"}
     stems = [file_stem(query.external_id, taken) for query, _ in rows]
     places = ImagePlaces({"index.html"} | {f"{stem}.{ext}" for stem in stems for ext in ("md", "html", "json")})
@@ -138,6 +162,7 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
             "question": query.question,
             "status": status_text,
             "blocks": blocks,
+            **answer_record(outputs.get(query.id)),
             "error": None if answer else query.described_error,
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -297,6 +297,8 @@ def source_sections(
     for entry in ranked[:SECTIONS_KEPT]:
         subsections = wants_subsections(entry.section, entry.units, question)
         numbers, truncated = section_body(entry.section, entry.units, subsections=subsections)
+        if not numbers and entry.section.heading:
+            numbers = [entry.section.heading]  # a section of images only: its heading says what they show
         result.append(
             SourceSection(
                 document_id=entry.row.id,
