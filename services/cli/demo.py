@@ -89,6 +89,7 @@ def run_demo(
         "ordering",
         "position_accuracy",
         "rouge_l",
+        "section_hit",
         "retrieval_image_recall",
         "retrieval_doc_hit",
     ):
