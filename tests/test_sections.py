@@ -212,3 +212,15 @@ def test_units_without_provenance_are_placed_by_source_only_when_they_have_it():
     # an image right after unit 9 goes after it; one right before it (position 8) goes before it
     plan = source_plan(sourced, [image("a.jpg", 9), image("b.jpg", 8, image_id=2)])
     assert [(p.image, p.after) for p in plan] == [("b.jpg", 0), ("a.jpg", 1)]
+
+
+def test_a_pic_marker_inside_a_list_item_stands_after_that_item():
+    from services.common.metrics import parse_gold_answer
+
+    gold = "Steps:\n\n1. Click it\n   <PIC>\n   > Note this.\n1. Then <PIC> this.\n\nDone. <PIC>"
+    units, positions = parse_gold_answer(gold, ["a.jpg", "b.jpg", "c.jpg"])
+    assert units == ["Steps:", "1. Click it > Note this.", "1. Then this.", "Done."]
+    # as the same document with real image links parses: each image after the item that holds it
+    assert positions == {"a.jpg": 2, "b.jpg": 3, "c.jpg": 4}
+    source = parse_markdown("Steps:\n\n1. Click it\n   ![](a.jpg)\n   > Note this.\n1. Then ![](b.jpg) this.\n")
+    assert [(ref.source, ref.position) for ref in source.images] == [("a.jpg", 2), ("b.jpg", 3)]

@@ -262,7 +262,7 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
                     break
             units.append(Unit("code", "\n".join(block), path()))
             continue
-        if PIC_MARKER in line:
+        if PIC_MARKER in line and not LIST_ITEM.match(line):
             before, *rest = line.split(PIC_MARKER)
             segments = [before, *rest]
             for number, segment in enumerate(segments):
@@ -303,9 +303,10 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
         item = LIST_ITEM.match(stripped)
         if item:
             flush_paragraph()
-            text_parts = [item[3].strip()] if item[3].strip() else []
-            indent = len(item[1])
             item_refs = list(refs)
+            first = pics_out(item[3], pending_pics, item_refs)
+            text_parts = [first] if first else []
+            indent = len(item[1])
             # continuation lines: indented deeper, not a new item of the same or outer level
             while index < len(lines) and lines[index].strip():
                 nxt = lines[index]
@@ -315,9 +316,10 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
                 if len(nxt) - len(nxt.lstrip()) <= indent and not nxt.startswith(" "):
                     break
                 more, more_refs = image_refs_in(nxt)
-                if more.strip():
-                    text_parts.append(more.strip())
                 item_refs += more_refs
+                more = pics_out(more, pending_pics, item_refs)
+                if more:
+                    text_parts.append(more)
                 index += 1
             marker = item[2]
             text = " ".join(text_parts)
@@ -338,6 +340,15 @@ def parse_markdown(markdown: str, *, pic_images: list[ImageRef] | None = None) -
         images.append(ref)
     add_context(units, images)
     return ParsedDocument(units=units, images=images, title=title)
+
+
+def pics_out(text: str, pending: deque[ImageRef], refs: list[ImageRef]) -> str:
+    """An item's text without its <PIC> markers; each marker's image joins `refs` (it stands after the
+    item, as an image link inside an item does). A marker without an image left is dropped."""
+    for _ in range(text.count(PIC_MARKER)):
+        if pending:
+            refs.append(pending.popleft())
+    return " ".join(text.replace(PIC_MARKER, " ").split())
 
 
 def add_context(units: list[Unit], images: list[ImageRef]) -> None:
