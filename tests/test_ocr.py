@@ -79,6 +79,20 @@ def test_a_reading_that_timed_out_or_never_ran_is_transient():
 
 
 @pytest.mark.unit
+def test_the_ocr_setting():
+    from pydantic import ValidationError
+
+    from services.common.settings import Settings
+
+    assert Settings().ocr == "off"  # bench/README.md, "OCR": no gain measured on the dev corpora
+    assert Settings(ocr=" Auto ").ocr == "auto"
+    with pytest.raises(ValidationError):
+        Settings(ocr="sometimes")
+    with pytest.raises(ValidationError):
+        Settings(ocr_timeout_s=0)
+
+
+@pytest.mark.unit
 def test_reader_without_engine_or_store_reads_nothing():
     reader = ImageTextReader(None, "tesseract 5.3.0 eng r1")
     assert reader.engine is None and "object store" in reader.reason
