@@ -92,8 +92,8 @@ class Settings(BaseSettings):
 
     # The words inside images (OCR at ingest, Debian's tesseract): `auto` reads them when the tesseract
     # binary is installed, `on` too but warns on every document with images when it is not, `off` never.
-    # Off by default: on the development corpora it moved neither candidate recall nor the rule
-    # inserter's F1 beyond noise, and a first ingest of the manual took 2.5x as long (bench/README.md, "OCR").
+    # Off by default: on the development corpora it moved neither candidate recall nor the rule inserter's
+    # F1 beyond noise, and a first ingest of the manual took 1.8-2.5x as long (bench/README.md, "OCR").
     ocr: Literal["auto", "on", "off"] = "off"
     # Seconds one image may take (a screenshot takes ~0.5-2 s on one core); past it the image goes in without
     # its words, with a warning, and is read again at the next ingest.
