@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything m2io needs on a fresh Debian/Ubuntu machine, idempotently:
-#   Debian packages (redis-server for the local cluster and the tests, chromium for the browser test),
+#   Debian packages (redis-server for the local cluster and the tests, chromium for the browser test,
+#   tesseract-ocr for the words inside images),
 #   a virtualenv in .venv, torch==2.13.0 (CPU build) FIRST, then m2io and its dev tools constrained to that torch.
 # Re-running it is cheap: the Python part is skipped while pyproject.toml is unchanged.
 set -euo pipefail
@@ -17,6 +18,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # the browser test drives this chromium through Playwright (whose own browser download is not used)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# OCR at ingest (services/retriever/ocr.py, through pytesseract); it brings its English data (tesseract-ocr-eng)
+command -v tesseract >/dev/null 2>&1 || need_apt+=(tesseract-ocr)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

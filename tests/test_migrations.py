@@ -18,6 +18,7 @@ EXPECTED_TABLES = {
     "documents",
     "chunks",
     "images",
+    "image_texts",
     "jobs",
     "queries",
     "stage_runs",

@@ -111,8 +111,25 @@ class Image(Base):
     context_before: Mapped[str | None] = mapped_column(Text)
     context_after: Mapped[str | None] = mapped_column(Text)
     position: Mapped[int] = mapped_column(Integer, comment="index of the document sentence it follows")
+    image_text: Mapped[str | None] = mapped_column(Text, comment="the words inside the image (OCR), cleaned")
     embedding: Mapped[Any] = mapped_column(Vector(), nullable=True)
     embedding_dim: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = utcnow_column()
+
+
+class ImageText(Base):
+    """What OCR read in an image's bytes, once per sha256: a table of its own, not columns of `images`,
+    because an `images` row is one occurrence in one document of one collection and is replaced each
+    time its document is indexed again, while the words depend on the bytes only. Keyed by sha256, a
+    re-ingest, a changed document, the same screenshot in several documents or collections, and
+    switching OCR off and on again read each image once. `images.image_text` keeps the cleaned copy
+    that search returns with the candidate, without a join."""
+
+    __tablename__ = "image_texts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    text: Mapped[str] = mapped_column(Text, server_default="", comment="the words read, line by line, uncleaned")
+    error: Mapped[str | None] = mapped_column(Text, comment="why nothing was read (the image still went in)")
+    engine: Mapped[str] = mapped_column(String(200), comment="engine, version and reading recipe: another re-reads")
     created_at: Mapped[datetime] = utcnow_column()
 
 

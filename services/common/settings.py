@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -89,6 +90,15 @@ class Settings(BaseSettings):
     trainer_heartbeat_s: float = Field(default=10.0, gt=0)
     trainer_stale_after_s: float = Field(default=90.0, gt=0)
 
+    # The words inside images (OCR at ingest, Debian's tesseract): `auto` reads them when the tesseract
+    # binary is installed, `on` too but warns on every document with images when it is not, `off` never.
+    # Off by default: on the development corpora it moved neither candidate recall nor the rule inserter's
+    # F1 beyond noise, and a first ingest of the manual took 1.8-2.5x as long (bench/README.md, "OCR").
+    ocr: Literal["auto", "on", "off"] = "off"
+    # Seconds one image may take (a screenshot takes ~0.5-2 s on one core); past it the image goes in without
+    # its words, with a warning, and is read again at the next ingest.
+    ocr_timeout_s: float = Field(default=15.0, gt=0, le=600)
+
     # Model choices.
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     generator_backend: str = "extractive"
@@ -116,6 +126,11 @@ class Settings(BaseSettings):
         if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
             raise ValueError("is a placeholder; set a real secret (see .env.example)")
         return value
+
+    @field_validator("ocr", mode="before")
+    @classmethod
+    def ocr_in_any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("redis_url")
     @classmethod

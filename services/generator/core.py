@@ -186,6 +186,8 @@ def describe_candidate(candidate: CandidateImage) -> str:
     context = " ".join(filter(None, [candidate.context_before, candidate.context_after]))
     if context:
         parts.append(f"context: {context[:300]}")
+    if candidate.image_text:
+        parts.append(f"text in the image: {candidate.image_text[:300]}")
     return " ".join(parts)
 
 

@@ -70,29 +70,41 @@ def rule_plan(
     befores = [last_sentence(c.context_before) for c in candidates]
     afters = [first_sentence(c.context_after) for c in candidates]
     captions = [c.caption or "" for c in candidates]
-    vectors = embedder.encode(texts + befores + afters + captions)
+    image_texts = [c.image_text or "" for c in candidates]
+    vectors = embedder.encode(texts + befores + afters + captions + image_texts)
     n, m = len(units), len(candidates)
     unit_v = vectors[:n]
-    before_v, after_v, caption_v = vectors[n : n + m], vectors[n + m : n + 2 * m], vectors[n + 2 * m :]
+    before_v, after_v = vectors[n : n + m], vectors[n + m : n + 2 * m]
+    caption_v, image_text_v = vectors[n + 2 * m : n + 3 * m], vectors[n + 3 * m :]
     # score[j, slot]: image j placed after unit `slot` (0 = before the first unit)
     score = np.full((m, n + 1), -1.0)
+    why: dict[tuple[int, int], tuple[str, float]] = {}  # the winning evidence and its cosine
     follows = before_v @ unit_v.T  # image j followed unit i in its document
     precedes = after_v @ unit_v.T  # image j preceded unit i in its document
-    by_caption = caption_v @ unit_v.T * CAPTION_WEIGHT
+    by_caption = caption_v @ unit_v.T
+    by_image_text = image_text_v @ unit_v.T
     for j in range(m):
-        has_before, has_after, has_caption = bool(befores[j]), bool(afters[j]), bool(captions[j].strip())
+        has_before, has_after = bool(befores[j]), bool(afters[j])
+        has_caption, has_image_text = bool(captions[j].strip()), bool(image_texts[j].strip())
         for slot in range(n + 1):
-            evidence = []
+            evidence = []  # (weighted score, kind, cosine)
             if slot >= 1 and has_before:
-                evidence.append(follows[j, slot - 1])
+                evidence.append((follows[j, slot - 1], "context", follows[j, slot - 1]))
             if slot < n and has_after:
-                evidence.append(precedes[j, slot])
+                evidence.append((precedes[j, slot], "context", precedes[j, slot]))
             if slot >= 1 and has_caption:
-                evidence.append(by_caption[j, slot - 1])
+                cosine = by_caption[j, slot - 1]
+                evidence.append((cosine * CAPTION_WEIGHT, "caption", cosine))
+            if slot >= 1 and has_image_text:
+                cosine = by_image_text[j, slot - 1]  # the words inside it say what it shows, as a caption does
+                evidence.append((cosine * CAPTION_WEIGHT, "image_text", cosine))
             if evidence:
-                score[j, slot] = max(evidence)
+                best, kind, cosine = max(evidence, key=lambda e: e[0])
+                score[j, slot] = best
+                why[j, slot] = (kind, float(cosine))
     # Greedy: the strongest (image, slot) pairs first, under the plan's constraints.
     placements: dict[str, int] = {}
+    evidence_of: dict[str, tuple[str, float]] = {}
     used_slots: set[int] = set()
     for flat in np.argsort(-score, axis=None):
         j, slot = divmod(int(flat), n + 1)
@@ -104,8 +116,12 @@ def rule_plan(
         if not keeps_document_order(candidates, placements, j, slot):
             continue
         placements[name] = slot
+        evidence_of[name] = why[j, slot]
         used_slots.add(slot)
-    return [Placement(image=name, after=slot) for name, slot in sorted(placements.items(), key=lambda kv: kv[1])]
+    return [
+        Placement(image=name, after=slot, evidence=evidence_of[name][0], similarity=round(evidence_of[name][1], 4))
+        for name, slot in sorted(placements.items(), key=lambda kv: kv[1])
+    ]
 
 
 def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
@@ -207,8 +223,10 @@ def numbered(units: list[AnswerUnit]) -> str:
 
 def describe(candidate: CandidateImage) -> str:
     context = " ".join(filter(None, [candidate.context_before, candidate.context_after]))
-    return f'- "{candidate.source_name}": {candidate.caption or "(no caption)"}' + (
-        f" | around it: {context[:240]}" if context else ""
+    return (
+        f'- "{candidate.source_name}": {candidate.caption or "(no caption)"}'
+        + (f" | around it: {context[:240]}" if context else "")
+        + (f" | text in it: {candidate.image_text[:240]}" if candidate.image_text else "")
     )
 
 

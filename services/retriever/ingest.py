@@ -2,18 +2,22 @@
 images and their embeddings in Postgres). Both are plain functions; the CLI stages, the retriever
 worker indexes, and a benchmark can call either in one process.
 
-Indexing is three steps over a batch of staged documents: `prepare` (skip unchanged ones, parse and
-chunk the rest), `embed` (every text of the batch in one call of the model), `write` (documents,
-images and chunks, with their vectors).
+Indexing is four steps over a batch of staged documents: `prepare` (skip unchanged ones, parse and
+chunk the rest), `read_image_texts` (the words inside their images, OCR, cached by sha256), `embed`
+(every text of the batch in one call of the model), `write` (documents, images and chunks, with
+their vectors).
 
-Re-ingesting is idempotent: a document whose content hash (text, image bytes, chunker, model) is
-unchanged is left alone; a changed one replaces its old chunks and images in one transaction.
+Re-ingesting is idempotent: a document whose content hash (text, image bytes, chunker, model, and for
+a document with images the OCR engine) is unchanged is left alone; a changed one replaces its old
+chunks and images in one transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +34,7 @@ from services.retriever.chunking import Chunk as DocumentChunk
 from services.retriever.chunking import chunk_document
 from services.retriever.images import MAX_IMAGE_BYTES, ImageRejected, verify_image
 from services.retriever.importers import parse_source
+from services.retriever.ocr import ImageTextReader, Reading, clean_image_text
 from services.retriever.sources import FileRefused, Skipped, SourceDocument, read_regular_file
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
@@ -113,7 +118,7 @@ class IndexOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def content_hash(document: StagedDocument, model: str) -> str:
+def content_hash(document: StagedDocument, model: str, ocr_engine: str | None = None) -> str:
     basis = {
         "markdown": document.markdown,
         "pic_images": document.pic_images,
@@ -122,18 +127,24 @@ def content_hash(document: StagedDocument, model: str) -> str:
         "model": model,
         "images": sorted((image.link, image.sha256, image.caption) for image in document.images),
     }
+    # Only what OCR changes: a document with images is indexed again when OCR is switched on or off
+    # or its engine changes (the words are cached by sha256, so that costs embedding, not reading);
+    # one without images, or any document while OCR is off, keeps the hash it had before OCR existed.
+    if ocr_engine and document.images:
+        basis["ocr"] = ocr_engine
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
 
-def describe_image(ref: ImageRef, heading: str) -> str:
+def describe_image(ref: ImageRef, heading: str, image_text: str = "") -> str:
     """What an image is about, in words: caption, alt text, section and surrounding text (M2RAG's
-    finding: such descriptions beat raw pixels for placing images)."""
+    finding: such descriptions beat raw pixels for placing images), then the words inside it."""
     parts = [
         ref.caption,
         ref.alt if ref.alt != ref.caption else "",
         heading,
         ref.context_before,
         ref.context_after,
+        image_text,
     ]
     return ". ".join(part.strip() for part in parts if part and part.strip())
 
@@ -149,10 +160,33 @@ class PreparedDocument:
     chunks: list[DocumentChunk]
     chunk_vectors: list[np.ndarray] = field(default_factory=list)
     image_vectors: list[np.ndarray] = field(default_factory=list)
+    image_texts: dict[str, str] = field(default_factory=dict)  # by link: the cleaned words inside the image
+    warnings: list[str] = field(default_factory=list)
+    ocr_incomplete: bool = False  # an image's words are still to be read (a timeout): read again next time
 
     @property
     def title(self) -> str | None:
         return self.document.title or self.parsed.title
+
+    @property
+    def stored_digest(self) -> str:
+        """The content hash as stored: an incomplete reading stores another one, so that the next
+        ingest of the same document finds it changed and reads what is missing."""
+        if not self.ocr_incomplete:
+            return self.digest
+        return hashlib.sha256(f"{self.digest}:ocr-incomplete".encode()).hexdigest()
+
+    def take_readings(self, readings: dict[str, Reading]) -> None:
+        for image in self.document.images:
+            reading = readings.get(image.sha256)
+            if reading is None:
+                continue
+            if reading.error:
+                self.warnings.append(f"{image.source_name}: image text not read: {reading.error}")
+            self.ocr_incomplete |= reading.transient
+            text = clean_image_text(reading.text)
+            if text:
+                self.image_texts[image.link] = text
 
     def texts(self) -> tuple[list[str], list[str]]:
         """What is embedded: each chunk (under the document's title), and each image's description."""
@@ -163,20 +197,20 @@ class PreparedDocument:
         ]
         heading_of_image = {index: chunk.heading for chunk in self.chunks for index in chunk.image_indexes}
         image_texts = [
-            describe_image(ref, heading_of_image.get(index) or title or "")
+            describe_image(ref, heading_of_image.get(index) or title or "", self.image_texts.get(ref.source, ""))
             for index, ref in enumerate(self.parsed.images)
         ]
         return chunk_texts, image_texts
 
 
 def prepare(
-    session: Session, collection: Collection, documents: list[StagedDocument]
+    session: Session, collection: Collection, documents: list[StagedDocument], ocr_engine: str | None = None
 ) -> tuple[list[PreparedDocument], dict[int, IndexOutcome]]:
     """The documents that changed, parsed and chunked; and the outcomes of those left as they are."""
     prepared: list[PreparedDocument] = []
     unchanged: dict[int, IndexOutcome] = {}
     for position, document in enumerate(documents):
-        digest = content_hash(document, collection.embedding_model)
+        digest = content_hash(document, collection.embedding_model, ocr_engine)
         existing = session.execute(
             select(Document.content_sha256).where(
                 Document.collection_id == collection.id, Document.doc_key == document.doc_key
@@ -188,6 +222,34 @@ def prepare(
         parsed, _ = parse_source(document)
         prepared.append(PreparedDocument(position, document, digest, parsed, chunk_document(parsed)))
     return prepared, unchanged
+
+
+def read_image_texts(
+    prepared: list[PreparedDocument],
+    reader: ImageTextReader | None,
+    open_session: Callable[[], AbstractContextManager[Session]],
+) -> None:
+    """The words inside the images of the changed documents: each distinct image (by sha256) looked up
+    in `image_texts`, the rest read from S3 with no transaction open meanwhile, and recorded. Never
+    fails a document: an image that cannot be read goes in without its words, with a warning."""
+    with_images = [entry for entry in prepared if entry.document.images]
+    if reader is None or not with_images:
+        return
+    if not reader.engine:
+        if reader.warn_when_off:
+            for entry in with_images:
+                entry.warnings.append(f"image text not read: {reader.reason}")
+        return
+    wanted = {image.sha256: image for entry in with_images for image in entry.document.images}
+    with open_session() as session:
+        readings = reader.known(session, wanted)
+    fresh = reader.read_all(image for sha, image in wanted.items() if sha not in readings)
+    if any(reading.attempted for reading in fresh.values()):
+        with open_session() as session:
+            reader.remember(session, fresh.values())
+    readings |= fresh
+    for entry in with_images:
+        entry.take_readings(readings)
 
 
 def embed(prepared: list[PreparedDocument], embedder: Embedder) -> None:
@@ -217,7 +279,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
     values = {
         "title": title,
         "source_path": document.source_path,
-        "content_sha256": entry.digest,
+        "content_sha256": entry.stored_digest,
         "text": parsed.text,
         "units": stored_units(parsed),
         "meta": document.meta,
@@ -251,6 +313,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
                     context_before=ref.context_before or None,
                     context_after=ref.context_after or None,
                     position=ref.position,
+                    image_text=entry.image_texts.get(ref.source),
                     embedding=vector.tolist(),
                     embedding_dim=collection.embedding_dim,
                 )
@@ -275,15 +338,22 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
             )
         )
     session.flush()
-    return IndexOutcome(document.doc_key, "ingested", chunks=len(entry.chunks), images=len(parsed.images))
+    return IndexOutcome(
+        document.doc_key, "ingested", chunks=len(entry.chunks), images=len(parsed.images), warnings=entry.warnings
+    )
 
 
 def index_documents(
-    session: Session, collection: Collection, documents: list[StagedDocument], embedder: Embedder
+    session: Session,
+    collection: Collection,
+    documents: list[StagedDocument],
+    embedder: Embedder,
+    reader: ImageTextReader | None = None,
 ) -> list[IndexOutcome]:
-    """Index staged documents into the collection (prepare, embed in one batch, write); the outcomes
-    come back in the documents' order."""
-    prepared, outcomes = prepare(session, collection, documents)
+    """Index staged documents into the collection (prepare, read image texts when a reader is given,
+    embed in one batch, write), all in the caller's session; the outcomes come back in the documents' order."""
+    prepared, outcomes = prepare(session, collection, documents, reader.engine if reader else None)
+    read_image_texts(prepared, reader, lambda: nullcontext(session))
     embed(prepared, embedder)
     for entry in prepared:
         outcomes[entry.position] = write(session, collection, entry)

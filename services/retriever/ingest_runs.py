@@ -25,7 +25,7 @@ from services.common.db import session_scope
 from services.common.embedding import get_embedder
 from services.common.models import Collection, IngestItem, IngestRun
 from services.common.stage_runs import now
-from services.common.storage import ObjectStore
+from services.common.storage import ObjectStore, get_store
 from services.common.text import printable, unstorable
 from services.retriever.importers import detect_layout, read_corpus
 from services.retriever.ingest import (
@@ -34,9 +34,11 @@ from services.retriever.ingest import (
     embed,
     ensure_collection,
     prepare,
+    read_image_texts,
     stage_document,
     write,
 )
+from services.retriever.ocr import ImageTextReader
 from services.retriever.sources import Skipped, SourceDocument
 
 BATCH_DOCUMENTS = 8  # documents per message: enough to batch embeddings, small enough to spread
@@ -256,8 +258,11 @@ def index_batch(batch: IngestBatch) -> dict[str, Any]:
         close_if_finished(batch.run_id)  # a redelivery after the last document: the run is closed
         return {"already_done": True}
     embedder = get_embedder(model)
+    reader = ImageTextReader.from_settings(get_store())
     try:
-        result: dict[str, Any] = {"documents": index_items(batch.run_id, list(pending), collection_name, embedder)}
+        result: dict[str, Any] = {
+            "documents": index_items(batch.run_id, list(pending), collection_name, embedder, reader)
+        }
     except CollectionModelMismatch as error:
         mark_failed(list(pending), str(error))
         result = {"failed": str(error)}
@@ -267,7 +272,7 @@ def index_batch(batch: IngestBatch) -> dict[str, Any]:
         results = 0
         for item_id in pending:
             try:
-                results += index_items(batch.run_id, [item_id], collection_name, embedder)
+                results += index_items(batch.run_id, [item_id], collection_name, embedder, reader)
             except SQLAlchemyError:
                 raise
             except Exception as error:  # noqa: BLE001 - recorded on the item, the rest goes on
@@ -277,10 +282,13 @@ def index_batch(batch: IngestBatch) -> dict[str, Any]:
     return result
 
 
-def index_items(run_id: uuid.UUID, item_ids: list[int], collection_name: str, embedder) -> int:
-    """Parse, chunk and embed the pending items (no lock held meanwhile), then write each document in
-    its own transaction: a redelivered message finds the written ones done, and two deliveries of one
-    item write it once (the row lock is taken with SKIP LOCKED, and the status is read again under it)."""
+def index_items(
+    run_id: uuid.UUID, item_ids: list[int], collection_name: str, embedder, reader: ImageTextReader | None = None
+) -> int:
+    """Parse, chunk, read image texts and embed the pending items (no lock held meanwhile), then write
+    each document in its own transaction: a redelivered message finds the written ones done, and two
+    deliveries of one item write it once (the row lock is taken with SKIP LOCKED, and the status is read
+    again under it)."""
     with session_scope() as session:
         rows = session.execute(
             select(IngestItem.id, IngestItem.payload)
@@ -296,7 +304,8 @@ def index_items(run_id: uuid.UUID, item_ids: list[int], collection_name: str, em
             .values(collection_id=collection.id)
         )
         documents = [StagedDocument.model_validate(row.payload) for row in rows]
-        prepared, outcomes = prepare(session, collection, documents)
+        prepared, outcomes = prepare(session, collection, documents, reader.engine if reader else None)
+    read_image_texts(prepared, reader, session_scope)
     embed(prepared, embedder)
     by_position = {entry.position: entry for entry in prepared}
     written = 0
@@ -313,6 +322,8 @@ def index_items(run_id: uuid.UUID, item_ids: list[int], collection_name: str, em
             item.status = outcome.status
             item.chunks = outcome.chunks
             item.images = outcome.images
+            if outcome.warnings:
+                item.warnings = [*item.warnings, *(printable(warning) for warning in outcome.warnings)]
             item.finished_at = now()
             written += 1
     return written

@@ -1,8 +1,8 @@
 """Hybrid search: pgvector HNSW (cosine) and Postgres full-text, fused by reciprocal rank, per collection.
 
 Candidate images are the images inside the retrieved passages plus the images whose description
-(caption + context) is close to the question, de-duplicated by source name and scored by the
-same reciprocal-rank fusion.
+(caption + context + the words inside the image) is close to the question, de-duplicated by source
+name and scored by the same reciprocal-rank fusion.
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def candidate_images(
             Image.caption,
             Image.context_before,
             Image.context_after,
+            Image.image_text,
             Image.document_id,
             Image.position,
         ).where(Image.id.in_(list(scores)))
@@ -217,6 +218,7 @@ def candidate_of(image, doc_key: str, score: float, reasons) -> CandidateImage:
         caption=image.caption,
         context_before=image.context_before,
         context_after=image.context_after,
+        image_text=image.image_text,
         doc_key=doc_key,
         score=score,
         reasons=sorted(reasons),
