@@ -27,6 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from infra.processes import CREATE_TIME_TOLERANCE_S, ProcessRecord
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = [f"worker-{stage}" for stage in ("retriever", "generator", "inserter", "merger", "trainer")]
 SERVERS = ["postgres", "redis", "s3"]
@@ -164,7 +166,7 @@ def _process(pid: int, create_time: float | None) -> psutil.Process | None:
     """The process, if it runs and (when given) was created at `create_time` (else the pid is reused)."""
     try:
         process = psutil.Process(pid)
-        if create_time is not None and abs(process.create_time() - create_time) >= 0.05:
+        if create_time is not None and abs(process.create_time() - create_time) >= CREATE_TIME_TOLERANCE_S:
             return None
         if process.status() == psutil.STATUS_ZOMBIE:
             return None
@@ -471,3 +473,23 @@ def test_down_stops_everything(cluster: Cluster) -> None:
     again = cluster.m2io("down")
     assert_ok(again, cluster)
     assert "nothing runs" in again.stdout, again.stdout
+
+
+@pytest.mark.unit
+def test_a_pid_record_survives_boot_time_drift_but_not_another_program():
+    """The kernel's boot time moves with clock adjustments, and psutil's create_time with it: a record
+    of a live process read back half a second off is still that process; a reused pid running another
+    program, or one started long after, is not."""
+    me = psutil.Process()
+    started, argv = me.create_time(), me.cmdline()
+    assert ProcessRecord("me", me.pid, started + 0.5, argv, log="-").is_alive()
+    assert not ProcessRecord("me", me.pid, started - 60, argv, log="-").is_alive()
+    assert not ProcessRecord("me", me.pid, started, ["/usr/bin/another-program"], log="-").is_alive()
+    with subprocess.Popen(["sleep", "30"]) as sleeper:
+        try:
+            retitled = ProcessRecord(
+                "s", sleeper.pid, psutil.Process(sleeper.pid).create_time(), ["/bin/sleep"], log="-"
+            )
+            assert retitled.is_alive()
+        finally:
+            sleeper.kill()
