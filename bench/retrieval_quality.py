@@ -22,6 +22,7 @@ from services.common.embedding import DEFAULT_EMBEDDING_MODEL, get_embedder
 from services.common.storage import get_store
 from services.retriever.importers import read_corpus
 from services.retriever.ingest import ensure_collection, index_documents, stage_document
+from services.retriever.ocr import ImageTextReader
 from services.retriever.search import get_collection, retrieve
 from services.retriever.sources import SourceDocument
 
@@ -37,12 +38,13 @@ def ingest_corpus(root: Path, collection_name: str, model: str) -> dict:
         if isinstance(item, SourceDocument):
             payload, _ = stage_document(store, item)
             payloads.append(payload)
+    reader = ImageTextReader.from_settings(store)  # M2IO_OCR decides, as in the retriever worker
     started = time.perf_counter()
     with session_scope() as session:
         collection = ensure_collection(session, collection_name, model, embedder.dimension)
         outcomes = []
         for start in range(0, len(payloads), 16):
-            outcomes += index_documents(session, collection, payloads[start : start + 16], embedder)
+            outcomes += index_documents(session, collection, payloads[start : start + 16], embedder, reader)
     return {
         "documents": len(payloads),
         "seconds": round(time.perf_counter() - started, 2),
