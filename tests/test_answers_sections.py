@@ -124,6 +124,7 @@ def test_answers_are_whole_sections_with_their_images_where_they_stood(workers, 
     assert outputs.answer.mode == "section" and outputs.answer.sections == ["Apple Pie"]
     # provenance crossed the stage hops: every unit knows its document and position; the plan says why
     assert all(u.source is not None and u.source.doc_key.endswith("apple-pie") for u in outputs.answer.units)
+    assert all(u.source.chunk_id for u in outputs.answer.units)  # every unit knows its chunk too
     assert [(p.image, p.after, p.evidence) for p in outputs.plan.placements] == [("images/apple-pie.jpg", 0, "source")]
 
     # The manual: the procedure whole, the screenshot after its last step, the other section left out,
@@ -142,6 +143,7 @@ def test_answers_are_whole_sections_with_their_images_where_they_stood(workers, 
     # No section answers: still an answer, with the reason, and no image of an unrelated recipe.
     mars = outputs_of(ids["mars"])
     assert mars.answer.mode == "sentences" and "no section fits" in mars.answer.reason
+    assert mars.answer.units and all(u.source is not None and u.source.chunk_id for u in mars.answer.units)
     assert answers["mars"].blocks
 
     # A document's script payload is shown as text, never run; the page's lead image leads its answer.

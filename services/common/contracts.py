@@ -86,6 +86,7 @@ class Passage(BaseModel):
     text_rank: int | None = None  # 1-based rank in the full-text search
     first_unit: int | None = None  # the document units it holds (None: indexed before units were kept)
     last_unit: int | None = None
+    units: list[AnswerUnit] = []  # its units with provenance (headings left out), when its document keeps them
 
 
 class CandidateImage(BaseModel):

@@ -44,13 +44,21 @@ class PassageUnit:
     kind: str
     passage_rank: int  # 0-based rank of its passage
     order: tuple[int, int, int]  # (document, chunk, unit): where it stands in its source
+    unit: AnswerUnit | None = None  # as the retriever gave it, with provenance
 
 
 def passage_units(passages: list[Passage]) -> list[PassageUnit]:
-    """The units of each passage, without the heading-path line the chunker puts first."""
+    """The units of each passage, without the heading-path line the chunker puts first: the
+    retriever's units with provenance when it gave them, else the passage's text parsed."""
     units: list[PassageUnit] = []
     documents: dict[int, int] = {}
     for rank, passage in enumerate(passages):
+        if passage.units:
+            document_order = documents.setdefault(passage.document_id, len(documents))
+            for unit in passage.units:
+                position = unit.source.position if unit.source else 0
+                units.append(PassageUnit(unit.text, unit.kind, rank, (document_order, position, 0), unit))
+            continue
         body = passage.text
         if passage.heading and body.startswith(passage.heading):
             body = body[len(passage.heading) :].lstrip("\n")
@@ -133,7 +141,7 @@ def extractive_answer(
         chosen.append(best)
         words += unit_words
     chosen.sort(key=lambda i: units[i].order)  # source order: steps stay in sequence
-    return [AnswerUnit(text=units[i].text, kind=units[i].kind) for i in chosen]
+    return [units[i].unit or AnswerUnit(text=units[i].text, kind=units[i].kind) for i in chosen]
 
 
 # A section fits the question when its heading path is this similar to it (MiniLM cosine; unrelated

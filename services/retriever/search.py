@@ -251,7 +251,7 @@ def source_sections(
     around it ("How do I make X?" is about the recipe X, not its "Directions")."""
     document_ids: list[int] = []
     for passage in passages:
-        if passage.document_id not in document_ids and len(document_ids) < SECTION_DOCUMENTS:
+        if passage.document_id not in document_ids:
             document_ids.append(passage.document_id)
     if not document_ids:
         return []
@@ -259,11 +259,14 @@ def source_sections(
         text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
         {"ids": document_ids},
     ).all()
+    chunk_of = chunk_positions(session, [row.id for row in rows])
     entries: list[SectionEntry] = []
     for row in sorted(rows, key=lambda r: document_ids.index(r.id)):
         units = stored_units(row.units)
         sections = [section for section in document_sections(units, row.title) if section.path]
-        entries += [SectionEntry(row, units, sections, section) for section in sections]
+        add_passage_units(passages, row, units, sections, chunk_of)
+        if document_ids.index(row.id) < SECTION_DOCUMENTS:
+            entries += [SectionEntry(row, units, sections, section) for section in sections]
     if not entries:
         return []
     question_terms = terms(question)
@@ -294,7 +297,6 @@ def source_sections(
     entries.sort(key=lambda entry: -entry.score)
     best = climb_to_parent(entries[0], entries, question_terms)
     ranked = [best, *(entry for entry in entries if entry is not best)]
-    chunk_of = chunk_positions(passages)
     result = []
     for entry in ranked[:SECTIONS_KEPT]:
         subsections = wants_subsections(entry.section, entry.units, question)
@@ -344,14 +346,35 @@ def climb_to_parent(best: SectionEntry, entries: list[SectionEntry], question_te
     return best
 
 
-def chunk_positions(passages: list[Passage]) -> dict[int, int]:
-    """Unit number -> chunk id, for the units the retrieved passages hold."""
-    positions: dict[int, int] = {}
-    for passage in passages:
-        if passage.first_unit is not None and passage.last_unit is not None:
-            for number in range(passage.first_unit, passage.last_unit + 1):
-                positions.setdefault(number, passage.chunk_id)
+def chunk_positions(session: Session, document_ids: list[int]) -> dict[tuple[int, int], int]:
+    """(document id, unit number) -> the chunk holding it, for the given documents."""
+    positions: dict[tuple[int, int], int] = {}
+    for chunk in session.execute(
+        text(
+            "SELECT id, document_id, first_unit, last_unit FROM chunks "
+            "WHERE document_id = ANY(:ids) AND first_unit IS NOT NULL"
+        ),
+        {"ids": document_ids},
+    ):
+        for number in range(chunk.first_unit, chunk.last_unit + 1):
+            positions.setdefault((chunk.document_id, number), chunk.id)
     return positions
+
+
+def add_passage_units(
+    passages: list[Passage], row, units: list[StoredUnit], sections: list[Section], chunk_of: dict
+) -> None:
+    """Each passage of the document gets its units with provenance (its heading units left out: the
+    passage's heading path says them), for answers made of sentences of the passages."""
+    for passage in passages:
+        if passage.document_id != row.id or passage.first_unit is None or passage.last_unit is None:
+            continue
+        numbers = [
+            n
+            for n in range(passage.first_unit, min(passage.last_unit, len(units)) + 1)
+            if units[n - 1].kind != "heading"
+        ]
+        passage.units = answer_units(numbers, units, sections, row.id, row.doc_key, chunk_of)
 
 
 def images_of_section(session: Session, section: SourceSection) -> list[int]:

@@ -219,9 +219,10 @@ def answer_units(
     sections: Sequence[Section],
     document_id: int,
     doc_key: str,
-    chunk_of: dict[int, int] | None = None,
+    chunk_of: dict[tuple[int, int], int] | None = None,
 ) -> list[AnswerUnit]:
-    """Units of a document as answer units that know where they stood."""
+    """Units of a document as answer units that know where they stood (`chunk_of`: (document id, unit
+    number) -> chunk id)."""
     result = []
     for number in numbers:
         unit = units[number - 1]
@@ -235,7 +236,7 @@ def answer_units(
                     document_id=document_id,
                     doc_key=doc_key,
                     position=number,
-                    chunk_id=(chunk_of or {}).get(number),
+                    chunk_id=(chunk_of or {}).get((document_id, number)),
                     section=owner.label if owner else None,
                 ),
             )
