@@ -43,24 +43,13 @@ class ProcessRecord:
             process = psutil.Process(self.pid)
             # psutil's create_time is the boot time plus the process's start ticks, and the kernel's
             # boot time (/proc/stat btime) moves as the clock is adjusted: on a VM it drifted by more
-            # than 0.05 s within an hour, and `m2io down` took live servers for stale pid files. A
-            # reused pid within CREATE_TIME_TOLERANCE_S of the recorded start, running the same
-            # program, is not a risk worth leaving servers running for.
+            # than 0.05 s within an hour, and `m2io down` took live servers for stale pid files. Linux
+            # hands out pids in increasing order, so another process with this pid started within
+            # CREATE_TIME_TOLERANCE_S of the recorded one is not a risk.
             same = abs(process.create_time() - self.create_time) < CREATE_TIME_TOLERANCE_S
-            return same and self.same_program(process) and process.status() != psutil.STATUS_ZOMBIE
+            return same and process.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
-
-    def same_program(self, process: psutil.Process) -> bool:
-        """Whether the process runs the recorded program (its executable's name); True when unreadable."""
-        if not self.argv:
-            return True
-        try:
-            cmdline = process.cmdline()
-        except (psutil.AccessDenied, psutil.ZombieProcess):
-            return True
-        # a server may retitle itself ("redis-server 127.0.0.1:6379"): its first word names the program
-        return bool(cmdline) and Path(cmdline[0].split(" ")[0]).name == Path(self.argv[0]).name
 
 
 class ProcessTable:

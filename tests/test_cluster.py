@@ -476,20 +476,12 @@ def test_down_stops_everything(cluster: Cluster) -> None:
 
 
 @pytest.mark.unit
-def test_a_pid_record_survives_boot_time_drift_but_not_another_program():
+def test_a_pid_record_survives_boot_time_drift():
     """The kernel's boot time moves with clock adjustments, and psutil's create_time with it: a record
-    of a live process read back half a second off is still that process; a reused pid running another
-    program, or one started long after, is not."""
+    of a live process read back half a second off is still that process; one whose recorded start
+    is a minute away is another process that reused the pid."""
     me = psutil.Process()
     started, argv = me.create_time(), me.cmdline()
     assert ProcessRecord("me", me.pid, started + 0.5, argv, log="-").is_alive()
+    assert ProcessRecord("me", me.pid, started - 0.5, argv, log="-").is_alive()
     assert not ProcessRecord("me", me.pid, started - 60, argv, log="-").is_alive()
-    assert not ProcessRecord("me", me.pid, started, ["/usr/bin/another-program"], log="-").is_alive()
-    with subprocess.Popen(["sleep", "30"]) as sleeper:
-        try:
-            retitled = ProcessRecord(
-                "s", sleeper.pid, psutil.Process(sleeper.pid).create_time(), ["/bin/sleep"], log="-"
-            )
-            assert retitled.is_alive()
-        finally:
-            sleeper.kill()

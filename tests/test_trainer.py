@@ -256,7 +256,10 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
     units, candidates = evaluation.example_inputs(example)
     plan = insert(units, candidates, f"checkpoint:{name}", get_embedder())
     assert plan.fallback_reason is None, plan.raw_output  # the model's own plan parsed
-    assert [p.model_dump() for p in plan.placements] == example.gold
+    assert [{"image": p.image, "after": p.after} for p in plan.placements] == [
+        {"image": g["image"], "after": g["after"]} for g in example.gold
+    ]
+    assert all(p.evidence == "model" for p in plan.placements)  # the plan says the model placed them
     assert load_registered_model(name).source is not None  # loaded from the folder downloaded from S3
 
 

@@ -82,17 +82,9 @@ def run_demo(
     table.add_row("answered", f"[green]{final.counts.get('succeeded', 0)}[/green]")
     table.add_row("failed", str(final.counts.get("failed", 0)))
     table.add_row("images placed", str(summary.get("images_placed", 0)))
-    for key in (
-        "image_precision",
-        "image_recall",
-        "image_f1",
-        "ordering",
-        "position_accuracy",
-        "rouge_l",
-        "section_hit",
-        "retrieval_image_recall",
-        "retrieval_doc_hit",
-    ):
+    from services.jobs.evaluate import ANSWER_METRICS, RETRIEVAL_METRICS
+
+    for key in ANSWER_METRICS + RETRIEVAL_METRICS:
         value = summary.get(key)
         table.add_row(key.replace("_", " "), f"{value:.3f}" if value is not None else "-")
     table.add_row("wall time", f"{final.elapsed_s or 0:.1f} s ({final.questions_per_s or 0:.2f} questions/s)")
