@@ -300,3 +300,16 @@ def test_openai_generator_through_a_real_server_and_its_failure(monkeypatch, emb
         with pytest.raises(GenerationError, match="openai:smollm2 generator failed: .*model not found"):
             generate(retrieval, "openai:smollm2", embedder)
     llm._chat_model.cache_clear()
+
+
+def test_documents_indexed_before_sections_answer_from_sentences_and_say_why(embedder):
+    """A collection indexed before documents kept their units has no sections: the answer is made of
+    the passages' sentences (as before), and its reason says a re-ingest brings whole sections."""
+    from services.common.contracts import Retrieval
+    from services.generator.core import generate
+
+    retrieval = Retrieval(collection="old", question="How do I fry pancakes?", passages=[PASSAGE, OTHER], candidates=[])
+    answer = generate(retrieval, "extractive", embedder)
+    assert answer.mode == "sentences" and "re-ingest" in answer.reason
+    assert "2. Fry each pancake in butter." in [unit.text for unit in answer.units]
+    assert all(unit.source is None for unit in answer.units)  # no provenance to invent
