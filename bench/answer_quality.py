@@ -40,8 +40,8 @@ from services.common.metrics import aggregate, answer_metrics, parse_gold_answer
 from services.generator.core import extractive_answer, generate
 from services.inserter.core import insert, rule_plan, source_plan
 from services.jobs.evaluate import section_hit
-from services.retriever.search import SECTION_DOCUMENTS, UnknownCollection, get_collection, retrieve
-from services.retriever.sections import answer_units, document_sections, section_body, stored_units
+from services.retriever.search import SECTION_DOCUMENTS, UnknownCollection, get_collection, load_documents, retrieve
+from services.retriever.sections import answer_units, section_body
 
 PIPELINES = ("section+rule", "section+top-first", "best-section", "previous")
 
@@ -77,21 +77,17 @@ def best_heading_answer(session, retrieval: Retrieval, embedder: Embedder) -> tu
     for passage in retrieval.passages:
         if passage.document_id not in document_ids and len(document_ids) < SECTION_DOCUMENTS:
             document_ids.append(passage.document_id)
-    rows = session.execute(
-        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
-        {"ids": document_ids},
-    ).all()
-    entries = []
-    for row in rows:
-        units = stored_units(row.units)
-        sections = [s for s in document_sections(units, row.title) if s.path]
-        entries += [(row, units, sections, section) for section in sections]
+    entries = [
+        (document.row, document.units, document.sections, section)
+        for document in load_documents(session, document_ids)
+        for section in document.sections
+    ]
     if not entries:
         return TextAnswer(units=[], backend="best-section"), InsertionPlan(placements=[], backend="best-section")
     query = embedder.encode([retrieval.question])[0]
     similarity = embedder.encode([entry[3].path[-1] for entry in entries]) @ query
     row, units, sections, section = entries[int(similarity.argmax())]
-    numbers, _ = section_body(section, units, subsections=True, max_words=10**9)
+    numbers, _ = section_body(section, units, subsections=True, max_words=10**9, sections=sections)
     answer = TextAnswer(
         units=answer_units(numbers, units, sections, row.id, row.doc_key),
         backend="best-section",

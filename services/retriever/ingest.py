@@ -268,7 +268,7 @@ def embed(prepared: list[PreparedDocument], embedder: Embedder) -> None:
         cursor += chunk_count + image_count
 
 
-def stored_units(parsed: ParsedDocument) -> list[list]:
+def units_column(parsed: ParsedDocument) -> list[list]:
     """The document's units as `documents.units` keeps them: [kind, text, heading level], in order."""
     return [[unit.kind, unit.text, unit.level] for unit in parsed.units]
 
@@ -281,7 +281,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
         "source_path": document.source_path,
         "content_sha256": entry.stored_digest,
         "text": parsed.text,
-        "units": stored_units(parsed),
+        "units": units_column(parsed),
         "meta": document.meta,
     }
     document_id = session.execute(

@@ -255,18 +255,13 @@ def source_sections(
             document_ids.append(passage.document_id)
     if not document_ids:
         return []
-    rows = session.execute(
-        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
-        {"ids": document_ids},
-    ).all()
-    chunk_of = chunk_positions(session, [row.id for row in rows])
+    documents = load_documents(session, document_ids)
+    chunk_of = chunk_positions(session, [document.row.id for document in documents])
     entries: list[SectionEntry] = []
-    for row in sorted(rows, key=lambda r: document_ids.index(r.id)):
-        units = stored_units(row.units)
-        sections = [section for section in document_sections(units, row.title) if section.path]
-        add_passage_units(passages, row, units, sections, chunk_of)
-        if document_ids.index(row.id) < SECTION_DOCUMENTS:
-            entries += [SectionEntry(row, units, sections, section) for section in sections]
+    for document in documents:
+        add_passage_units(passages, document.row, document.units, document.sections, chunk_of)
+        if document_ids.index(document.row.id) < SECTION_DOCUMENTS:  # by its passages' rank
+            entries += [SectionEntry(document.row, document.units, document.sections, s) for s in document.sections]
     if not entries:
         return []
     question_terms = terms(question)
@@ -300,7 +295,7 @@ def source_sections(
     result = []
     for entry in ranked[:SECTIONS_KEPT]:
         subsections = wants_subsections(entry.section, entry.units, question)
-        numbers, truncated = section_body(entry.section, entry.units, subsections=subsections)
+        numbers, truncated = section_body(entry.section, entry.units, subsections=subsections, sections=entry.sections)
         if not numbers and entry.section.heading:
             numbers = [entry.section.heading]  # a section of images only: its heading says what they show
         result.append(
@@ -317,6 +312,27 @@ def source_sections(
             )
         )
     return result
+
+
+@dataclass
+class DocumentUnits:
+    row: Any  # documents row: id, doc_key, title, units
+    units: list[StoredUnit]
+    sections: list[Section]  # those with a heading path (a title-less lead has none to match)
+
+
+def load_documents(session: Session, document_ids: list[int]) -> list[DocumentUnits]:
+    """The documents' stored units and sections, in the order of `document_ids`; documents indexed
+    before units were kept are left out."""
+    rows = session.execute(
+        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
+        {"ids": document_ids},
+    ).all()
+    documents = []
+    for row in sorted(rows, key=lambda r: document_ids.index(r.id)):
+        units = stored_units(row.units)
+        documents.append(DocumentUnits(row, units, [s for s in document_sections(units, row.title) if s.path]))
+    return documents
 
 
 @dataclass(eq=False)

@@ -172,17 +172,23 @@ def blocks_of(units: Sequence[StoredUnit], first: int, last: int) -> list[tuple[
 
 
 def section_body(
-    section: Section, units: Sequence[StoredUnit], *, subsections: bool, max_words: int = MAX_ANSWER_WORDS
+    section: Section,
+    units: Sequence[StoredUnit],
+    *,
+    subsections: bool,
+    max_words: int = MAX_ANSWER_WORDS,
+    sections: Sequence[Section] | None = None,
 ) -> tuple[list[int], bool]:
     """The unit numbers of the section's answer, and whether the budget cut it. Cuts fall between
     sub-sections, or between blocks of the own text (a list is one block); the first block is always
-    kept, so an answer is never empty when the section has text."""
+    kept, so an answer is never empty when the section has text. `sections`: the document's sections,
+    when the caller has them (else they are read from `units`)."""
     chosen: list[int] = []
     words = 0
     # Sub-sections are whole units of budget: a sub-section that does not fit ends the answer.
     spans = [(section.start, section.own_end)]
     if subsections:
-        spans += child_spans(section, units)
+        spans += child_spans(section, sections if sections is not None else document_sections(units))
     for start, end in spans:
         if start > end:
             continue
@@ -203,11 +209,11 @@ def section_body(
     return chosen, False
 
 
-def child_spans(section: Section, units: Sequence[StoredUnit]) -> list[tuple[int, int]]:
-    """The section's direct sub-sections as (heading, end of subtree) spans, in order (deeper ones
-    are inside them)."""
+def child_spans(section: Section, sections: Sequence[Section]) -> list[tuple[int, int]]:
+    """The section's direct sub-sections (among the document's `sections`) as (heading, end of
+    subtree) spans, in order (deeper ones are inside them)."""
     spans: list[tuple[int, int]] = []
-    for child in document_sections(units):
+    for child in sections:
         if section.own_end < child.heading <= section.end and (not spans or child.heading > spans[-1][1]):
             spans.append((child.heading, child.end))
     return spans
