@@ -37,6 +37,7 @@ from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan,
 from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, get_embedder
 from services.common.metrics import aggregate, answer_metrics, parse_gold_answer
+from services.common.vectors import QueryVectors
 from services.generator.core import extractive_answer, generate
 from services.inserter.core import insert, rule_plan, source_plan
 from services.jobs.evaluate import section_hit
@@ -134,6 +135,7 @@ def run_corpus(root: Path, collection_name: str, embedder: Embedder, limit: int)
     with session_scope() as session:
         collection = get_collection(session, collection_name)
         for index, question in enumerate(questions):
+            vectors = QueryVectors(embedder, session)  # the vectors stored at ingest, as the stages read them
             started = time.perf_counter()
             retrieval = retrieve(session, collection, question["question"], embedder)
             retrieved = time.perf_counter() - started
@@ -143,17 +145,17 @@ def run_corpus(root: Path, collection_name: str, embedder: Embedder, limit: int)
             for inserter in ("rule", "random", "top-first"):
                 started = time.perf_counter()
                 if inserter == "rule":
-                    plan = insert(gold_answer.units, retrieval.candidates, "rule", embedder)
+                    plan = insert(gold_answer.units, retrieval.candidates, "rule", vectors)
                 else:
                     gold_count = len(question.get("gold_images", []))
                     plan = baseline_plan(inserter, gold_answer.units, retrieval, gold_count, index)
                 record(f"gold/{inserter}", time.perf_counter() - started, score(gold_answer, plan, question))
             # end to end
             started = time.perf_counter()
-            answer = generate(retrieval, "extractive", embedder)
+            answer = generate(retrieval, "extractive", vectors)
             generated = time.perf_counter() - started
             started = time.perf_counter()
-            plan = insert(answer.units, retrieval.candidates, "rule", embedder)
+            plan = insert(answer.units, retrieval.candidates, "rule", vectors)
             seconds = retrieved + generated + time.perf_counter() - started
             record("e2e/section+rule", seconds, score(answer, plan, question))
             plan = baseline_plan("top-first", answer.units, retrieval, 0, index)

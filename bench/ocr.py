@@ -35,6 +35,7 @@ from services.common.metrics import aggregate, parse_gold_answer
 from services.common.models import Collection, ImageText
 from services.common.settings import get_settings
 from services.common.storage import get_store
+from services.common.vectors import QueryVectors
 from services.inserter.core import insert
 from services.jobs.evaluate import retrieval_metrics
 from services.retriever.importers import read_corpus
@@ -125,7 +126,7 @@ def quality(root: Path, name: str, embedder: Embedder, limit: int) -> dict:
             doc_hits.append(found["retrieval_doc_hit"])
             texts, _ = parse_gold_answer(question["gold_answer"], question.get("gold_images", []))
             units = [AnswerUnit(text=text) for text in texts]
-            plan = insert(units, retrieval.candidates, "rule", embedder)
+            plan = insert(units, retrieval.candidates, "rule", QueryVectors(embedder, session))
             rows.append(score(units, plan, question))
             for placement in plan.placements:
                 evidence[placement.evidence] += 1

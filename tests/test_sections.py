@@ -10,6 +10,7 @@ import pytest
 import services.retriever.sections as sections_module
 from services.common.contracts import AnswerUnit, CandidateImage, Retrieval, SourceSection, UnitSource
 from services.common.text import parse_markdown
+from services.common.vectors import QueryVectors
 from services.generator.core import extractive
 from services.inserter.core import provenance_rule_plan, source_plan
 from services.retriever.sections import (
@@ -181,7 +182,7 @@ def test_images_of_other_sections_of_the_same_document_stay_out():
         image("images/fly.jpg", where["images/fly.jpg"]),
     ]
     # no embedder needed: every candidate is of the answer's own document
-    plan = provenance_rule_plan(section.units, candidates, embedder=None)
+    plan = provenance_rule_plan(section.units, candidates, vectors=None)
     assert [(p.image, p.after) for p in plan] == [("images/fly.jpg", 1)]
 
 
@@ -190,7 +191,7 @@ def test_the_extractive_answer_is_the_section_and_says_so():
     retrieval = Retrieval(
         collection="c", question="How do I make Apple Pie?", passages=[], candidates=[], sections=[section]
     )
-    units, mode, answered, reason = extractive(retrieval, embedder=None)
+    units, mode, answered, reason = extractive(retrieval, QueryVectors(None))
     assert mode == "section" and answered == ["Apple Pie"] and "Apple Pie" in reason
     assert all(unit.source is not None and unit.source.doc_key == "doc" for unit in units)
     assert [u.kind for u in units if u.text == "Ingredients"] == ["heading"] and units[1].level == 2
@@ -201,7 +202,7 @@ def test_a_cut_answer_ends_with_a_line_that_says_where_the_rest_is():
     retrieval = Retrieval(
         collection="c", question="How do I make Apple Pie?", passages=[], candidates=[], sections=[section]
     )
-    units, *_ = extractive(retrieval, embedder=None)
+    units, *_ = extractive(retrieval, QueryVectors(None))
     assert units[-1].source is None and "continues in doc" in units[-1].text
 
 

@@ -129,6 +129,10 @@ class Retrieval(BaseModel):
     passages: list[Passage]
     candidates: list[CandidateImage]
     sections: list[SourceSection] = []  # empty for documents indexed before units were stored
+    # The question's vector, for the generator (the question is embedded once, here), and the texts
+    # embedded at query time: the question alone when the collection's vectors are stored.
+    question_vector: list[float] | None = None
+    embedded: int = 0
 
 
 class StagedImage(Contract):
@@ -185,6 +189,7 @@ class TextAnswer(BaseModel):
     truncated: bool = False  # a length budget cut the answer (at a section or list boundary)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    embedded: int = 0  # texts embedded at query time (0 when every vector was stored at ingest)
 
 
 class Placement(BaseModel):
@@ -202,6 +207,7 @@ class InsertionPlan(BaseModel):
     seconds: float = 0.0
     fallback_reason: str | None = None  # set when an LM's output was unusable and `rule` answered
     raw_output: str | None = None  # what an LM wrote, for inspection
+    embedded: int = 0  # texts embedded at query time (0 when every vector was stored at ingest)
 
 
 class AnswerBlock(BaseModel):

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -66,6 +67,9 @@ class Document(Base):
     units: Mapped[list[Any] | None] = mapped_column(
         nullable=True, comment="parsed units: [kind, text, heading level], 1-based"
     )
+    # Vectors a query compares, stored at ingest (services.common.vectors: float32 rows, packed).
+    section_labels: Mapped[list[Any] | None] = mapped_column(nullable=True, comment="its sections' heading paths")
+    label_vectors: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, comment="one per section label")
     meta: Mapped[dict[str, Any]] = mapped_column(server_default=sql_text("'{}'::jsonb"))
     created_at: Mapped[datetime] = utcnow_column()
     updated_at: Mapped[datetime] = utcnow_column(onupdate=func.now())
@@ -88,6 +92,7 @@ class Chunk(Base):
     last_unit: Mapped[int | None] = mapped_column(Integer)
     embedding: Mapped[Any] = mapped_column(Vector(), nullable=True)
     embedding_dim: Mapped[int | None] = mapped_column(Integer)
+    unit_vectors: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, comment="first_unit..last_unit")
     tsv: Mapped[Any] = mapped_column(
         TSVECTOR, Computed("to_tsvector('english', coalesce(heading, '') || ' ' || text)", persisted=True)
     )
@@ -114,6 +119,9 @@ class Image(Base):
     image_text: Mapped[str | None] = mapped_column(Text, comment="the words inside the image (OCR), cleaned")
     embedding: Mapped[Any] = mapped_column(Vector(), nullable=True)
     embedding_dim: Mapped[int | None] = mapped_column(Integer)
+    text_vectors: Mapped[bytes | None] = mapped_column(
+        LargeBinary, nullable=True, comment="sentence before, sentence after, caption, image text (zero if none)"
+    )
     created_at: Mapped[datetime] = utcnow_column()
 
 

@@ -144,6 +144,24 @@ def split_sentences(paragraph: str) -> list[str]:
     return pieces
 
 
+CLAUSE_END = re.compile(r"(?<=[.!?:])\s+")  # cruder than SENTENCE_END: what an image's context is cut at
+
+
+def last_sentence(text: str | None) -> str:
+    """The last sentence of an image's text before it: what the image followed."""
+    if not text:
+        return ""
+    pieces = CLAUSE_END.split(text.strip())
+    return pieces[-1] if pieces else ""
+
+
+def first_sentence(text: str | None) -> str:
+    """The first sentence of an image's text after it: what the image preceded."""
+    if not text:
+        return ""
+    return CLAUSE_END.split(text.strip())[0]
+
+
 def heading_of(line: str) -> tuple[int, str] | None:
     """An ATX heading's level and text (`## Title ##` -> (2, "Title")), or None: what
     `^(#{1,6})\\s+(.*?)\\s*#*\\s*$` matched, read in one pass (that pattern is cubic in a run of spaces)."""

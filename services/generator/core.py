@@ -22,6 +22,7 @@ import numpy as np
 from services.common.contracts import AnswerUnit, CandidateImage, Passage, Retrieval, SourceSection, TextAnswer
 from services.common.embedding import Embedder
 from services.common.text import parse_markdown
+from services.common.vectors import QueryVectors, query_vectors
 
 # The generator backends a job may name (`JobConfig.generator`): `extractive`, `local[:model]`, `openai[:model]`.
 BACKENDS = ("extractive", "local", "openai")
@@ -79,13 +80,14 @@ def ancestors(heading: str) -> list[str]:
 def focused_passages(
     passages: list[Passage],
     question_vector: np.ndarray | None = None,
-    embedder: Embedder | None = None,
+    vectors: QueryVectors | None = None,
     min_units: int = MIN_FOCUSED_UNITS,
 ) -> list[Passage]:
     """The passages the answer is made from: the best passage's document and, within it, the section
     whose heading path best matches the question (with its sub-sections). Manuals answer one section
     of long pages; a whole document brings other sections' images along, and other documents more so
-    (bench/README.md). Falls back to the document, then to all passages, when the focus is too short."""
+    (bench/README.md). Falls back to the document, then to all passages, when the focus is too short.
+    Only for documents indexed before sections were kept: their headings are embedded now."""
     if not passages:
         return []
     top = passages[0]
@@ -93,9 +95,9 @@ def focused_passages(
     if len(passage_units(document)) < min_units:
         return passages
     headings = sorted({p.heading for p in document if p.heading})
-    if question_vector is None or embedder is None or len(headings) < 2:
+    if question_vector is None or vectors is None or len(headings) < 2:
         return document
-    similarity = dict(zip(headings, embedder.encode(headings) @ question_vector, strict=True))
+    similarity = dict(zip(headings, vectors.embed(headings) @ question_vector, strict=True))
     best = max(headings, key=similarity.get)
     # Prefer the enclosing section when it matches almost as well: "How do I make X?" is about the
     # whole recipe, not its Directions; "Fly View: Instrument Panel?" is about that one section.
@@ -110,16 +112,23 @@ def focused_passages(
 def extractive_answer(
     question: str,
     passages: list[Passage],
-    embedder: Embedder,
+    vectors: QueryVectors | Embedder,
     max_units: int = MAX_UNITS,
     max_words: int = MAX_WORDS,
     focus: bool = True,
+    question_vector: list[float] | None = None,
 ) -> list[AnswerUnit]:
-    query = embedder.encode([question])[0]
-    units = passage_units(focused_passages(passages, query, embedder) if focus else passages)
+    """MMR picks of the passages' units. The units' vectors are the stored ones (`vectors` with a
+    session); the question's is the retriever's when given."""
+    vectors = query_vectors(vectors)
+    if question_vector is not None:
+        query = np.asarray(question_vector, dtype=np.float32)
+    else:
+        query = vectors.embed([question])[0]
+    units = passage_units(focused_passages(passages, query, vectors) if focus else passages)
     if not units:
         return []
-    unit_vectors = embedder.encode([unit.text for unit in units])
+    unit_vectors = vectors.of_units([unit.unit or AnswerUnit(text=unit.text, kind=unit.kind) for unit in units])
     # Relevance: similarity to the question, nudged by how the retriever ranked the passage.
     relevance = unit_vectors @ query + np.array([0.1 / (1 + unit.passage_rank) for unit in units])
     chosen: list[int] = []
@@ -167,7 +176,7 @@ def section_answer(section: SourceSection) -> list[AnswerUnit]:
     return units
 
 
-def extractive(retrieval: Retrieval, embedder: Embedder) -> tuple[list[AnswerUnit], str, list[str], str]:
+def extractive(retrieval: Retrieval, vectors: QueryVectors) -> tuple[list[AnswerUnit], str, list[str], str]:
     """The extractive answer: (units, mode, sections answered, why)."""
     best = retrieval.sections[0] if retrieval.sections else None
     if best is not None and section_fits(best):
@@ -180,10 +189,14 @@ def extractive(retrieval: Retrieval, embedder: Embedder) -> tuple[list[AnswerUni
             f"no section fits the question (best: “{best.path}” of {best.doc_key}, {best.evidence}); "
             "sentences of the passages"
         )
-        units = extractive_answer(retrieval.question, retrieval.passages, embedder, focus=False)
+        units = extractive_answer(
+            retrieval.question, retrieval.passages, vectors, focus=False, question_vector=retrieval.question_vector
+        )
     else:
         reason = "the documents carry no sections (indexed before they were kept; re-ingest); sentences of the passages"
-        units = extractive_answer(retrieval.question, retrieval.passages, embedder)
+        units = extractive_answer(
+            retrieval.question, retrieval.passages, vectors, question_vector=retrieval.question_vector
+        )
     return units, "sentences", [], reason
 
 
@@ -221,11 +234,13 @@ def split_answer(text: str) -> list[AnswerUnit]:
     return [AnswerUnit(text=unit.text, kind=unit.kind) for unit in parse_markdown(text).units]
 
 
-def generate(retrieval: Retrieval, backend: str, embedder: Embedder) -> TextAnswer:
+def generate(retrieval: Retrieval, backend: str, vectors: QueryVectors | Embedder | None) -> TextAnswer:
+    """The text answer. `vectors` gives the stored vectors (an Embedder: embed what is needed now)."""
     started = time.perf_counter()
+    vectors = query_vectors(vectors)
     match backend.split(":", 1)[0]:
         case "extractive":
-            units, mode, sections, reason = extractive(retrieval, embedder)
+            units, mode, sections, reason = extractive(retrieval, vectors)
             return TextAnswer(
                 units=units,
                 backend=backend,
@@ -234,6 +249,7 @@ def generate(retrieval: Retrieval, backend: str, embedder: Embedder) -> TextAnsw
                 sections=sections,
                 reason=reason,
                 truncated=mode == "section" and retrieval.sections[0].truncated,
+                embedded=vectors.embedded,
             )
         case "local" | "openai":
             from services.common.llm import LLMError, get_chat_model

@@ -28,6 +28,8 @@ import numpy as np
 
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement
 from services.common.embedding import Embedder
+from services.common.text import first_sentence, last_sentence
+from services.common.vectors import QueryVectors, query_vectors
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
@@ -48,34 +50,25 @@ class PlanFormatError(ValueError):
     """An LM's output that is not a valid plan for these units and candidates."""
 
 
-def last_sentence(text: str | None) -> str:
-    if not text:
-        return ""
-    pieces = re.split(r"(?<=[.!?:])\s+", text.strip())
-    return pieces[-1] if pieces else ""
-
-
-def first_sentence(text: str | None) -> str:
-    if not text:
-        return ""
-    return re.split(r"(?<=[.!?:])\s+", text.strip())[0]
-
-
 def rule_plan(
-    units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder, match_min: float = MATCH_MIN
+    units: list[AnswerUnit],
+    candidates: list[CandidateImage],
+    vectors: QueryVectors | Embedder,
+    match_min: float = MATCH_MIN,
 ) -> list[Placement]:
+    """Images placed by text: the unit vectors (stored for source units, embedded for an LM's) against
+    each candidate's stored caption / context / image-text vectors."""
     if not units or not candidates:
         return []
-    texts = [unit.text for unit in units]
+    vectors = query_vectors(vectors)
     befores = [last_sentence(c.context_before) for c in candidates]
     afters = [first_sentence(c.context_after) for c in candidates]
     captions = [c.caption or "" for c in candidates]
     image_texts = [c.image_text or "" for c in candidates]
-    vectors = embedder.encode(texts + befores + afters + captions + image_texts)
+    unit_v = vectors.of_units(units)
+    stored = vectors.of_images(candidates)
+    before_v, after_v, caption_v, image_text_v = stored.before, stored.after, stored.caption, stored.image_text
     n, m = len(units), len(candidates)
-    unit_v = vectors[:n]
-    before_v, after_v = vectors[n : n + m], vectors[n + m : n + 2 * m]
-    caption_v, image_text_v = vectors[n + 2 * m : n + 3 * m], vectors[n + 3 * m :]
     # score[j, slot]: image j placed after unit `slot` (0 = before the first unit)
     score = np.full((m, n + 1), -1.0)
     why: dict[tuple[int, int], tuple[str, float]] = {}  # the winning evidence and its cosine
@@ -154,21 +147,23 @@ def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> li
 
 
 def provenance_rule_plan(
-    units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder
+    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
 ) -> list[Placement]:
     """The `rule` backend: provenance first, then text matching for what provenance cannot place."""
     sourced = source_plan(units, candidates)
     source_documents = {unit.source.document_id for unit in units if unit.source is not None}
     if not source_documents:
-        return rule_plan(units, candidates, embedder)
+        return rule_plan(units, candidates, vectors)
     placed = {placement.image for placement in sourced}
     others = [c for c in candidates if c.source_name not in placed and c.document_id not in source_documents]
     taken = {placement.after for placement in sourced}
-    matched = [p for p in same_place_plan(units, others, embedder) if p.after not in taken]
+    matched = [p for p in same_place_plan(units, others, vectors) if p.after not in taken]
     return sorted(sourced + matched, key=lambda placement: placement.after)
 
 
-def same_place_plan(units: list[AnswerUnit], candidates: list[CandidateImage], embedder: Embedder) -> list[Placement]:
+def same_place_plan(
+    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+) -> list[Placement]:
     """Images of other documents, each only where it stood between the same two sentences: the text
     before it matches one answer unit and the text after it the next (both >= STRONG_MATCH), as where
     a page repeats another's paragraph with its screenshot. Evidence "context"."""
@@ -176,15 +171,22 @@ def same_place_plan(units: list[AnswerUnit], candidates: list[CandidateImage], e
         return []
     befores = [last_sentence(c.context_before) for c in candidates]
     afters = [first_sentence(c.context_after) for c in candidates]
-    vectors = embedder.encode([unit.text for unit in units] + befores + afters)
-    n, m = len(units), len(candidates)
-    unit_v, before_v, after_v = vectors[:n], vectors[n : n + m], vectors[n + m :]
+    vectors = query_vectors(vectors)
+    # Units an extractive answer adds of its own (the line saying where a cut answer continues) stood
+    # nowhere: they keep a zero vector, and no image goes next to them by context.
+    sourced = [index for index, unit in enumerate(units) if unit.source is not None]
+    pairs = [j for j in range(len(candidates)) if befores[j] and afters[j]]
+    if not sourced or not pairs:
+        return []
+    stored_units = vectors.of_units([units[index] for index in sourced])
+    unit_v = np.zeros((len(units), stored_units.shape[1]), dtype=np.float32)
+    unit_v[sourced] = stored_units
+    stored = vectors.of_images([candidates[j] for j in pairs])
     placements: list[Placement] = []
     used: set[int] = set()
-    for j, candidate in enumerate(candidates):
-        if not befores[j] or not afters[j]:
-            continue  # one side alone is not strong evidence of the same place
-        follows, precedes = unit_v @ before_v[j], unit_v @ after_v[j]
+    for row, j in enumerate(pairs):
+        candidate = candidates[j]
+        follows, precedes = unit_v @ stored.before[row], unit_v @ stored.after[row]
         # slot k: after unit k (1..n-1), so unit k matches the text before and unit k+1 the text after
         both = np.minimum(follows[:-1], precedes[1:])
         if not both.size:
@@ -302,14 +304,25 @@ def format_plan(placements: list[Placement], think: str) -> str:
 
 
 def insert(
-    units: list[AnswerUnit], candidates: list[CandidateImage], backend: str, embedder: Embedder, chat_model=None
+    units: list[AnswerUnit],
+    candidates: list[CandidateImage],
+    backend: str,
+    vectors: QueryVectors | Embedder | None,
+    chat_model=None,
 ) -> InsertionPlan:
-    """The insertion plan for an answer. `chat_model` overrides the model an LM backend would load."""
+    """The insertion plan for an answer. `vectors` gives the stored vectors (an Embedder: embed
+    everything now); `chat_model` overrides the model an LM backend would load."""
     started = time.perf_counter()
     kind = backend.split(":", 1)[0]
+    vectors = query_vectors(vectors)
     if kind == "rule" or not units or not candidates:
-        placements = provenance_rule_plan(units, candidates, embedder) if kind == "rule" else []
-        return InsertionPlan(placements=placements, backend=backend, seconds=round(time.perf_counter() - started, 4))
+        placements = provenance_rule_plan(units, candidates, vectors) if kind == "rule" else []
+        return InsertionPlan(
+            placements=placements,
+            backend=backend,
+            seconds=round(time.perf_counter() - started, 4),
+            embedded=vectors.embedded,
+        )
     if kind not in ("llm", "checkpoint"):
         raise ValueError(f"unknown inserter backend {backend!r} (rule, llm[:model spec], checkpoint:<name>)")
     from services.common.llm import LLMError
@@ -322,7 +335,7 @@ def insert(
         placements = parse_plan(raw, units, candidates)
         fallback = None
     except (PlanFormatError, LLMError) as error:
-        placements = provenance_rule_plan(units, candidates, embedder)
+        placements = provenance_rule_plan(units, candidates, vectors)
         fallback = f"{type(error).__name__}: {error}"
     return InsertionPlan(
         placements=placements,
@@ -330,6 +343,7 @@ def insert(
         seconds=round(time.perf_counter() - started, 4),
         fallback_reason=fallback,
         raw_output=raw,
+        embedded=vectors.embedded,
     )
 
 

@@ -4,8 +4,10 @@ worker indexes, and a benchmark can call either in one process.
 
 Indexing is four steps over a batch of staged documents: `prepare` (skip unchanged ones, parse and
 chunk the rest), `read_image_texts` (the words inside their images, OCR, cached by sha256), `embed`
-(every text of the batch in one call of the model), `write` (documents, images and chunks, with
-their vectors).
+(every text of the batch in one call of the model: chunks and image descriptions for search, and
+every text a query compares — each unit, each section's heading path, each image's caption, the
+sentences around it and its words — so that queries embed only the question), `write` (documents,
+images and chunks, with their vectors).
 
 Re-ingesting is idempotent: a document whose content hash (text, image bytes, chunker, model, and for
 a document with images the OCR engine) is unchanged is left alone; a changed one replaces its old
@@ -30,15 +32,18 @@ from services.common.embedding import Embedder
 from services.common.models import Chunk, Collection, Document, Image
 from services.common.storage import ObjectStore
 from services.common.text import ImageRef, ParsedDocument
+from services.common.vectors import TextEmbeddings, image_texts, pack
 from services.retriever.chunking import Chunk as DocumentChunk
 from services.retriever.chunking import chunk_document
 from services.retriever.images import MAX_IMAGE_BYTES, ImageRejected, verify_image
 from services.retriever.importers import parse_source
 from services.retriever.ocr import ImageTextReader, Reading, clean_image_text
+from services.retriever.sections import document_sections, stored_units
 from services.retriever.sources import FileRefused, Skipped, SourceDocument, read_regular_file
 
 # Bump when chunking changes, so re-ingesting rebuilds every document's chunks.
-CHUNKER_VERSION = "2"  # 2: documents keep their units, chunks their unit range
+# 2: documents keep their units, chunks their unit range; 3: the query-time vectors are stored too
+CHUNKER_VERSION = "3"
 
 
 class CollectionModelMismatch(ValueError):
@@ -160,6 +165,12 @@ class PreparedDocument:
     chunks: list[DocumentChunk]
     chunk_vectors: list[np.ndarray] = field(default_factory=list)
     image_vectors: list[np.ndarray] = field(default_factory=list)
+    # what queries compare, packed (services.common.vectors): per chunk its units' vectors, per image
+    # its four texts' vectors, and the document's section labels with theirs
+    unit_vectors: list[bytes] = field(default_factory=list)
+    image_text_vectors: list[bytes] = field(default_factory=list)
+    section_labels: list[str] = field(default_factory=list)
+    label_vectors: bytes | None = None
     image_texts: dict[str, str] = field(default_factory=dict)  # by link: the cleaned words inside the image
     warnings: list[str] = field(default_factory=list)
     ocr_incomplete: bool = False  # an image's words are still to be read (a timeout): read again next time
@@ -201,6 +212,28 @@ class PreparedDocument:
             for index, ref in enumerate(self.parsed.images)
         ]
         return chunk_texts, image_texts
+
+    def chunk_units(self) -> list[list[str]]:
+        """Each chunk's units' texts, from its first unit to its last (the rows of `chunks.unit_vectors`)."""
+        units = self.parsed.units
+        return [
+            [unit.text for unit in units[chunk.first_unit - 1 : chunk.last_unit]]
+            if chunk.first_unit is not None and chunk.last_unit is not None
+            else []
+            for chunk in self.chunks
+        ]
+
+    def labels(self) -> list[str]:
+        """The heading paths of the document's sections, as the retriever will compute them."""
+        sections = document_sections(stored_units(units_column(self.parsed)), self.title)
+        return list(dict.fromkeys(section.label for section in sections if section.path))
+
+    def compared_texts(self) -> list[list[str]]:
+        """Each image's four compared texts (`services.common.vectors.image_texts`), as stored."""
+        return [
+            image_texts(ref.caption or None, ref.context_before, ref.context_after, self.image_texts.get(ref.source))
+            for ref in self.parsed.images
+        ]
 
 
 def prepare(
@@ -252,20 +285,28 @@ def read_image_texts(
         entry.take_readings(readings)
 
 
-def embed(prepared: list[PreparedDocument], embedder: Embedder) -> None:
-    """Every text of the batch in one call of the model; each document gets its vectors."""
-    spans: list[tuple[PreparedDocument, int, int]] = []
-    texts: list[str] = []
+def embed(prepared: list[PreparedDocument], embedder: Embedder) -> int:
+    """Every text of the batch in one call of the model, each distinct text once; each document gets
+    its vectors. Returns the number of texts the model embedded."""
+    search = TextEmbeddings(embedder, blank_is_zero=False)  # a search vector is never zero (cosine)
+    compared = TextEmbeddings(embedder)
+    plans = []
     for entry in prepared:
-        chunk_texts, image_texts = entry.texts()
-        spans.append((entry, len(chunk_texts), len(image_texts)))
-        texts += chunk_texts + image_texts
-    vectors = embedder.encode(texts) if texts else []
-    cursor = 0
-    for entry, chunk_count, image_count in spans:
-        entry.chunk_vectors = list(vectors[cursor : cursor + chunk_count])
-        entry.image_vectors = list(vectors[cursor + chunk_count : cursor + chunk_count + image_count])
-        cursor += chunk_count + image_count
+        chunk_texts, description_texts = entry.texts()
+        search.want(chunk_texts + description_texts)
+        units, labels, images = entry.chunk_units(), entry.labels(), entry.compared_texts()
+        for texts in [*units, labels, *images]:
+            compared.want(texts)
+        plans.append((entry, chunk_texts, description_texts, units, labels, images))
+    count = TextEmbeddings.encode_together(search, compared)
+    for entry, chunk_texts, description_texts, units, labels, images in plans:
+        entry.chunk_vectors = list(search.matrix(chunk_texts))
+        entry.image_vectors = list(search.matrix(description_texts))
+        entry.unit_vectors = [pack(compared.matrix(texts)) for texts in units]
+        entry.image_text_vectors = [pack(compared.matrix(texts)) for texts in images]
+        entry.section_labels = labels
+        entry.label_vectors = pack(compared.matrix(labels)) if labels else None
+    return count
 
 
 def units_column(parsed: ParsedDocument) -> list[list]:
@@ -282,6 +323,8 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
         "content_sha256": entry.stored_digest,
         "text": parsed.text,
         "units": units_column(parsed),
+        "section_labels": entry.section_labels,
+        "label_vectors": entry.label_vectors,
         "meta": document.meta,
     }
     document_id = session.execute(
@@ -294,7 +337,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
     session.execute(delete(Image).where(Image.document_id == document_id))
     stored_by_link = {image.link: image for image in document.images}
     image_ids: list[int] = []
-    for ref, vector in zip(parsed.images, entry.image_vectors, strict=True):
+    for ref, vector, compared in zip(parsed.images, entry.image_vectors, entry.image_text_vectors, strict=True):
         stored = stored_by_link[ref.source]
         image_ids.append(
             session.execute(
@@ -316,13 +359,14 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
                     image_text=entry.image_texts.get(ref.source),
                     embedding=vector.tolist(),
                     embedding_dim=collection.embedding_dim,
+                    text_vectors=compared,
                 )
                 .on_conflict_do_nothing(index_elements=["document_id", "source_name", "position"])
                 .returning(Image.id)
             ).scalar()
             or 0
         )
-    for chunk, vector in zip(entry.chunks, entry.chunk_vectors, strict=True):
+    for chunk, vector, unit_vectors in zip(entry.chunks, entry.chunk_vectors, entry.unit_vectors, strict=True):
         session.add(
             Chunk(
                 document_id=document_id,
@@ -334,6 +378,7 @@ def write(session: Session, collection: Collection, entry: PreparedDocument) -> 
                 last_unit=chunk.last_unit,
                 embedding=vector.tolist(),
                 embedding_dim=collection.embedding_dim,
+                unit_vectors=unit_vectors,
                 image_ids=[image_ids[i] for i in chunk.image_indexes if image_ids[i]],
             )
         )

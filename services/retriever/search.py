@@ -27,6 +27,7 @@ from services.common.db import vector_literal
 from services.common.embedding import Embedder
 from services.common.models import Collection, Image
 from services.common.settings import get_settings
+from services.common.vectors import QueryVectors, unpack
 from services.retriever.sections import (
     Section,
     StoredUnit,
@@ -102,7 +103,8 @@ def retrieve(
         raise ValueError(f"top_k={top_k}: use 1..{MAX_RESULTS} passages")
     if not 0 <= max_candidates <= MAX_RESULTS:
         raise ValueError(f"candidates={max_candidates}: use 0..{MAX_RESULTS} images")
-    query = embedder.encode([question])[0]
+    vectors = QueryVectors(embedder, session)
+    query = vectors.embed([question])[0]
     query_vector = vector_literal(query)
     pool = max(POOL, top_k * 4)
     by_vector = {
@@ -145,11 +147,17 @@ def retrieve(
         ]
     else:
         passage_images = []
-    sections = source_sections(session, question, query, passages, embedder)
+    sections = source_sections(session, question, query, passages, vectors)
     section_images = images_of_section(session, sections[0]) if sections else []
     candidates = candidate_images(session, collection, query_vector, passage_images, max_candidates, section_images)
     return Retrieval(
-        collection=collection.name, question=question, passages=passages, candidates=candidates, sections=sections
+        collection=collection.name,
+        question=question,
+        passages=passages,
+        candidates=candidates,
+        sections=sections,
+        question_vector=[round(float(x), 7) for x in query],
+        embedded=vectors.embedded,
     )
 
 
@@ -239,7 +247,7 @@ SUPPORT_WEIGHT = 0.3
 
 
 def source_sections(
-    session: Session, question: str, query: np.ndarray, passages: list[Passage], embedder: Embedder
+    session: Session, question: str, query: np.ndarray, passages: list[Passage], vectors: QueryVectors
 ) -> list[SourceSection]:
     """The sections of the top passages' documents that may answer the question, best first, each
     with its answer units (whole: own text, sub-sections when the question asks for a procedure).
@@ -261,11 +269,14 @@ def source_sections(
     for document in documents:
         add_passage_units(passages, document.row, document.units, document.sections, chunk_of)
         if document_ids.index(document.row.id) < SECTION_DOCUMENTS:  # by its passages' rank
-            entries += [SectionEntry(document.row, document.units, document.sections, s) for s in document.sections]
+            entries += [
+                SectionEntry(document.row, document.units, document.sections, s, document.labels)
+                for s in document.sections
+            ]
     if not entries:
         return []
     question_terms = terms(question)
-    dense = embedder.encode([entry.section.label for entry in entries]) @ query
+    dense = label_vectors(entries, vectors) @ query
     top_score = passages[0].score or 1.0
     for entry, heading_similarity in zip(entries, dense, strict=True):
         section = entry.section
@@ -314,24 +325,43 @@ def source_sections(
     return result
 
 
+def label_vectors(entries: list[SectionEntry], vectors: QueryVectors) -> np.ndarray:
+    """The sections' heading-path vectors, stored at ingest; those not stored (a document indexed
+    before they were) are embedded now."""
+    rows: list[np.ndarray | None] = [entry.labels.get(entry.section.label) for entry in entries]
+    missing = [index for index, row in enumerate(rows) if row is None]
+    if missing:
+        for index, vector in zip(missing, vectors.embed([entries[i].section.label for i in missing]), strict=True):
+            rows[index] = vector
+    return np.stack(rows)
+
+
 @dataclass
 class DocumentUnits:
     row: Any  # documents row: id, doc_key, title, units
     units: list[StoredUnit]
     sections: list[Section]  # those with a heading path (a title-less lead has none to match)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # heading path -> its stored vector
 
 
 def load_documents(session: Session, document_ids: list[int]) -> list[DocumentUnits]:
-    """The documents' stored units and sections, in the order of `document_ids`; documents indexed
-    before units were kept are left out."""
+    """The documents' stored units, sections and section vectors, in the order of `document_ids`;
+    documents indexed before units were kept are left out."""
     rows = session.execute(
-        text("SELECT id, doc_key, title, units FROM documents WHERE id = ANY(:ids) AND units IS NOT NULL"),
+        text(
+            "SELECT id, doc_key, title, units, section_labels, label_vectors FROM documents "
+            "WHERE id = ANY(:ids) AND units IS NOT NULL"
+        ),
         {"ids": document_ids},
     ).all()
     documents = []
     for row in sorted(rows, key=lambda r: document_ids.index(r.id)):
         units = stored_units(row.units)
-        documents.append(DocumentUnits(row, units, [s for s in document_sections(units, row.title) if s.path]))
+        sections = [s for s in document_sections(units, row.title) if s.path]
+        labels = row.section_labels or []
+        matrix = unpack(row.label_vectors, len(labels))
+        stored = dict(zip(labels, matrix, strict=True)) if matrix is not None else {}
+        documents.append(DocumentUnits(row, units, sections, stored))
     return documents
 
 
@@ -341,6 +371,7 @@ class SectionEntry:
     units: list[StoredUnit]
     sections: list[Section]
     section: Section
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # the document's stored label vectors
     score: float = 0.0
     evidence: dict[str, float] = field(default_factory=dict)
     novel: frozenset[str] = frozenset()  # its own heading's terms that its parents' headings lack
