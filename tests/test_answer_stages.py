@@ -313,3 +313,4 @@ def test_documents_indexed_before_sections_answer_from_sentences_and_say_why(emb
     assert answer.mode == "sentences" and "re-ingest" in answer.reason
     assert "2. Fry each pancake in butter." in [unit.text for unit in answer.units]
     assert all(unit.source is None for unit in answer.units)  # no provenance to invent
+    assert answer.embedded > 0  # nothing was stored for them: the question and units are embedded now, counted

@@ -126,6 +126,11 @@ def test_answers_are_whole_sections_with_their_images_where_they_stood(workers, 
     assert all(u.source is not None and u.source.doc_key.endswith("apple-pie") for u in outputs.answer.units)
     assert all(u.source.chunk_id for u in outputs.answer.units)  # every unit knows its chunk too
     assert [(p.image, p.after, p.evidence) for p in outputs.plan.placements] == [("images/apple-pie.jpg", 0, "source")]
+    # Only the question was embedded at query time, once, by the retriever (every other vector was
+    # stored at ingest), whichever way the answer was made.
+    for query_id in ids.values():
+        stored = outputs_of(query_id)
+        assert (stored.retrieval.embedded, stored.answer.embedded, stored.plan.embedded) == (1, 0, 0)
 
     # The manual: the procedure whole, the screenshot after its last step, the other section left out,
     # and the document's script payload shown as text.
@@ -156,3 +161,74 @@ def test_answers_are_whole_sections_with_their_images_where_they_stood(workers, 
     assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
     assert what.blocks[0]["type"] == "text" and "Joysticks fly the vehicle" in what.blocks[0]["text"]
     assert [b["source_name"] for b in what.blocks if b["type"] == "image"] == ["images/joystick.png"]
+
+
+class CountingEmbedder:
+    """The real embedder, counting the texts it is asked to embed."""
+
+    def __init__(self, embedder):
+        self.embedder, self.name, self.texts = embedder, embedder.name, []
+
+    @property
+    def dimension(self):
+        return self.embedder.dimension
+
+    def encode(self, texts, **kwargs):
+        self.texts += list(texts)
+        return self.embedder.encode(texts, **kwargs)
+
+
+@pytest.mark.slow
+def test_queries_embed_only_the_question_and_old_collections_embed_what_was_not_stored(servers, tmp_path):
+    """Through the stages' own functions against the real database: with vectors stored at ingest the
+    model sees the question alone; a collection indexed before they were stored (NULL columns) gets
+    the same answer and plan, embedding those texts now and saying how many."""
+    from sqlalchemy import text
+
+    from services.common.embedding import get_embedder
+    from services.common.vectors import QueryVectors
+    from services.generator.core import generate
+    from services.inserter.core import insert
+    from services.retriever.search import get_collection, retrieve
+    from tests.test_ingest import ingest_in_process
+
+    corpus = write_corpus(tmp_path / "corpus")
+    name = f"vectors-{uuid.uuid4().hex[:8]}"
+    ingest_in_process(corpus, name)
+    questions = ["How do I make Apple Pie?", "Joystick Setup: How do I configure the Joystick?", "Why is Mars red?"]
+
+    def answer_all(counting):
+        results = []
+        with session_scope() as session:
+            collection = get_collection(session, name)
+            for question in questions:
+                counting.texts.clear()
+                retrieval = retrieve(session, collection, question, counting)
+                asked = list(counting.texts)
+                answer = generate(retrieval, "extractive", QueryVectors(counting, session))
+                plan = insert(answer.units, retrieval.candidates, "rule", QueryVectors(counting, session))
+                results.append((retrieval, answer, plan, asked, list(counting.texts)))
+        return results
+
+    counting = CountingEmbedder(get_embedder())
+    fresh = answer_all(counting)
+    for question, (retrieval, answer, plan, asked, everything) in zip(questions, fresh, strict=True):
+        assert asked == everything == [question]  # the retriever's one call, nothing after it
+        assert (retrieval.embedded, answer.embedded, plan.embedded) == (1, 0, 0)
+    assert [p.image for p in fresh[1][2].placements] == ["images/calibration.png"]
+    assert fresh[2][1].mode == "sentences"  # MMR over stored unit vectors, with the retriever's question vector
+
+    with session_scope() as session:  # as a collection indexed before the vectors were stored
+        ids = {"ids": [c.id for c in [get_collection(session, name)]]}
+        session.execute(text("UPDATE chunks SET unit_vectors = NULL WHERE collection_id = ANY(:ids)"), ids)
+        session.execute(text("UPDATE images SET text_vectors = NULL WHERE collection_id = ANY(:ids)"), ids)
+        session.execute(
+            text("UPDATE documents SET label_vectors = NULL, section_labels = NULL WHERE collection_id = ANY(:ids)"),
+            ids,
+        )
+    old = answer_all(counting)
+    for (_, answer, plan, *_), (old_retrieval, old_answer, old_plan, asked, _) in zip(fresh, old, strict=True):
+        assert [u.text for u in old_answer.units] == [u.text for u in answer.units]
+        assert [(p.image, p.after) for p in old_plan.placements] == [(p.image, p.after) for p in plan.placements]
+        assert old_retrieval.embedded == len(asked) > 1  # the section labels, embedded now
+    assert old[2][1].embedded > 0  # the sentences' units
