@@ -86,8 +86,8 @@ def configure(app: Celery) -> None:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings),
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         enable_utc=True,
     )
 

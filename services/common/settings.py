@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # The trainer's own visibility timeout: a GRPO run holds its message for minutes to hours, and must not
     # be delivered again while its worker lives (a dead trainer's message comes back by its heartbeat).
     trainer_visibility_timeout_s: int = 86_400
+    # Celery task events (sent / received / started / succeeded, published to Redis per hop) for a
+    # monitor such as Flower. m2io reads state from Postgres (stage runs), not from events, and each
+    # event costs Redis round trips on every hop: off unless a monitor listens.
+    task_events: bool = False
 
     # HNSW beam width of vector searches: recall@10 0.98 at 100k vectors with 100; at 1M clustered
     # vectors 100 gives 0.69 and 800 gives 0.94 (bench/README.md). Raise it for large collections.

@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from services.common.contracts import InsertionPlan, JobConfig, MergeOutput, Retrieval, TextAnswer
 from services.common.db import session_scope
-from services.common.models import DeadLetter, Query, StageRun
+from services.common.models import DeadLetter, Job, Query, StageRun
 from services.common.queues import STAGES, Stage, answer_stage
 from services.common.settings import get_settings
 from services.common.text import printable
@@ -38,52 +39,107 @@ class QueryNotFound(LookupError):
     pass
 
 
+class AttemptLost(ConnectionError):
+    """The attempt's own record vanished (a Postgres crash lost its unflushed start): run it again."""
+
+
 class QueryCancelled(RuntimeError):
     """The query's job was cancelled: its remaining stages do not run."""
 
 
-def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> StageRun | None:
+@dataclass(frozen=True)
+class Attempt:
+    """A running attempt, with what its stage reads of the query, read under the query's lock when it
+    began: the question and config, and the outputs of the stages that already succeeded."""
+
+    id: int
+    query_id: uuid.UUID
+    question: str
+    collection: str | None  # the question's own
+    config: dict[str, Any]  # the job's, as stored (a smoke probe's is no JobConfig)
+    succeeded: tuple[tuple[str, dict[str, Any]], ...]  # (stage, output) of the stages done, as stored
+
+    def context(self) -> QueryContext:
+        return context_of(self.question, self.collection, self.config)
+
+    def outputs(self) -> StageOutputs:
+        return StageOutputs.from_rows(self.succeeded)
+
+
+# The attempt the current task is running (set by the stage task around its work): `query_context`
+# and `outputs_of` answer from it instead of reading again what `begin_attempt` just read.
+current_attempt: ContextVar[Attempt | None] = ContextVar("current_attempt", default=None)
+
+
+def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> Attempt | None:
     """Record a new running attempt; None when this stage already succeeded for the query.
-    QueryCancelled when its job was cancelled (the message is dropped, nothing runs)."""
+    QueryCancelled when its job was cancelled (the message is dropped, nothing runs).
+    One transaction, three statements in the common case: the query locked with its job's config,
+    its stage runs (with the succeeded ones' outputs), the new attempt.
+
+    Its commit does not wait for the disk (synchronous_commit off, this transaction only): the
+    attempt's success, committed durably later, flushes it too (the WAL is written in order). If
+    Postgres crashed in between, the success finds no attempt to mark and the task is retried
+    (`AttemptLost`), so nothing is handed on from an attempt that was never recorded."""
     with session_scope() as session:
+        session.execute(text("SET LOCAL synchronous_commit = off"))
         # Serialise attempts of one query: a row lock on the query.
-        query = session.execute(select(Query).where(Query.id == query_id).with_for_update()).scalar_one_or_none()
+        query = session.execute(
+            select(Query.status, Query.question, Query.collection, Job.config)
+            .join(Job, Job.id == Query.job_id)
+            .where(Query.id == query_id)
+            .with_for_update(of=Query)
+        ).one_or_none()
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
         if query.status == "cancelled":
             raise QueryCancelled(f"query {query_id} was cancelled")
-        done = session.execute(
-            select(StageRun.id).where(
-                StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "succeeded"
-            )
-        ).first()
-        if done:
+        runs = session.execute(
+            select(
+                StageRun.stage,
+                StageRun.status,
+                StageRun.attempt,
+                case((StageRun.status == "succeeded", StageRun.output), else_=None),
+            ).where(StageRun.query_id == query_id)
+        ).all()
+        mine = [run for run in runs if run.stage == stage]
+        if any(run.status == "succeeded" for run in mine):
             return None
-        session.execute(
-            update(StageRun)
-            .where(StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "running")
-            .values(status="lost", finished_at=now(), error="worker died or message was redelivered")
-        )
-        last = session.execute(
-            select(func.max(StageRun.attempt)).where(StageRun.query_id == query_id, StageRun.stage == stage)
-        ).scalar()
-        run = StageRun(query_id=query_id, stage=stage, attempt=(last or 0) + 1, status="running", worker=worker)
-        session.add(run)
-        if query.status in ("queued", "running"):
-            query.status = "running"
-        session.flush()
-        return run
+        if any(run.status == "running" for run in mine):
+            session.execute(
+                update(StageRun)
+                .where(StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "running")
+                .values(status="lost", finished_at=now(), error="worker died or message was redelivered")
+            )
+        run_id = session.execute(
+            insert(StageRun)
+            .values(
+                query_id=query_id,
+                stage=stage,
+                attempt=max((run.attempt for run in mine), default=0) + 1,
+                status="running",
+                worker=worker,
+            )
+            .returning(StageRun.id)
+        ).scalar_one()
+        if query.status == "queued":
+            session.execute(update(Query).where(Query.id == query_id).values(status="running"))
+    known = {entry.stage.value for entry in STAGES}
+    succeeded = tuple((run.stage, run[3]) for run in runs if run.status == "succeeded" and run.stage in known)
+    return Attempt(run_id, query_id, query.question, query.collection, query.config or {}, succeeded)
 
 
 def succeed_attempt(run_id: int, output: dict[str, Any]) -> bool:
     """Mark the attempt succeeded; False when another attempt of the same stage won the race."""
     try:
         with session_scope() as session:
-            session.execute(
+            marked = session.execute(
                 update(StageRun)
                 .where(StageRun.id == run_id)
                 .values(status="succeeded", finished_at=now(), output=output, error=None)
-            )
+            ).rowcount
+            if marked != 1:
+                raise AttemptLost(f"stage run {run_id} is not recorded (Postgres restarted since it began)")
     except IntegrityError:
         with session_scope() as session:
             session.execute(
@@ -181,7 +237,20 @@ class StageOutputs:
 
 
 def outputs_of(query_id: uuid.UUID, *, require: Iterable[Stage] = ()) -> StageOutputs:
-    """The outputs of a query's succeeded stages; StageOutputMissing if one in `require` has none."""
+    """The outputs of a query's succeeded stages; StageOutputMissing if one in `require` has none.
+    Inside a stage's attempt on that query, those its attempt read when it began."""
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.query_id == query_id:
+        outputs = attempt.outputs()
+    else:
+        outputs = read_outputs(query_id)
+    for stage in require:
+        if not outputs.has(stage):
+            raise StageOutputMissing(f"query {query_id} has no succeeded {stage.value} stage")
+    return outputs
+
+
+def read_outputs(query_id: uuid.UUID) -> StageOutputs:
     with session_scope() as session:
         rows = session.execute(
             select(StageRun.stage, StageRun.output).where(
@@ -190,11 +259,7 @@ def outputs_of(query_id: uuid.UUID, *, require: Iterable[Stage] = ()) -> StageOu
                 StageRun.stage.in_([entry.stage.value for entry in STAGES]),
             )
         ).all()
-    outputs = StageOutputs.from_rows(rows)
-    for stage in require:
-        if not outputs.has(stage):
-            raise StageOutputMissing(f"query {query_id} has no succeeded {stage.value} stage")
-    return outputs
+    return StageOutputs.from_rows(rows)
 
 
 def outputs_of_job(job_id: uuid.UUID, stages: Iterable[Stage] | None = None) -> dict[uuid.UUID, StageOutputs]:
@@ -221,13 +286,20 @@ class QueryContext:
 
 
 def query_context(query_id: uuid.UUID) -> QueryContext:
+    """The question and config of a query (inside a stage's attempt on it: as its attempt read them)."""
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.query_id == query_id:
+        return attempt.context()
     with session_scope() as session:
         query = session.get(Query, query_id)
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
-        config = JobConfig.model_validate(query.job.config or {})
-        question, collection = query.question, query.collection or config.collection
-    return QueryContext(question=question, collection=collection, config=with_default_backends(config))
+        return context_of(query.question, query.collection, query.job.config or {})
+
+
+def context_of(question: str, collection: str | None, raw_config: dict[str, Any]) -> QueryContext:
+    config = with_default_backends(JobConfig.model_validate(raw_config))
+    return QueryContext(question=question, collection=collection or config.collection, config=config)
 
 
 def with_default_backends(config: JobConfig) -> JobConfig:

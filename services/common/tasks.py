@@ -27,6 +27,7 @@ from services.common.stage_runs import (
     QueryCancelled,
     QueryNotFound,
     begin_attempt,
+    current_attempt,
     fail_attempt,
     record_dead_letter,
     succeed_attempt,
@@ -141,6 +142,7 @@ def stage_task(
                 log.info("%s: already succeeded for query %s; nothing new to do", task.name, payload.query_id)
                 hand_on(task, then, payload)
                 return {"query_id": str(payload.query_id), "already_done": True}
+            running = current_attempt.set(attempt)
             try:
                 output = work(payload, task)
             except Exception as error:
@@ -150,6 +152,8 @@ def stage_task(
                     raise
                 log.exception("%s failed permanently for query %s", task.name, payload.query_id)
                 return {"query_id": str(payload.query_id), "failed": str(error)}
+            finally:
+                current_attempt.reset(running)
             if succeed_attempt(attempt.id, output):
                 hand_on(task, then, payload)
             return {"query_id": str(payload.query_id), **output}

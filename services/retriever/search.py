@@ -25,7 +25,7 @@ from services.common.contracts import (
 )
 from services.common.db import vector_literal
 from services.common.embedding import Embedder
-from services.common.models import Collection, Image
+from services.common.models import Collection, Document, Image
 from services.common.settings import get_settings
 from services.common.vectors import QueryVectors, unpack
 from services.retriever.sections import (
@@ -64,8 +64,12 @@ def vector_ranks(session: Session, table: str, collection: Collection, query_vec
     dim = collection.embedding_dim
     # Iterative scans keep reading the index until enough rows pass the collection filter.
     ef_search = int(get_settings().hnsw_ef_search)  # validated 10..1000
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {ef_search}"))
-    session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+    session.execute(  # one round trip; for this transaction only
+        text(
+            "SELECT set_config('hnsw.ef_search', :ef, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+        ),
+        {"ef": str(ef_search)},
+    )
     rows = session.execute(
         text(
             f"SELECT id FROM {table} WHERE collection_id = :collection AND embedding_dim = {dim} "
@@ -199,17 +203,14 @@ def candidate_images(
             Image.image_text,
             Image.document_id,
             Image.position,
-        ).where(Image.id.in_(list(scores)))
+            Document.doc_key,
+        )
+        .join(Document, Document.id == Image.document_id)
+        .where(Image.id.in_(list(scores)))
     ).all()
-    doc_keys = dict(
-        session.execute(
-            text("SELECT id, doc_key FROM documents WHERE id = ANY(:ids)"),
-            {"ids": list({image.document_id for image in images})},
-        ).all()
-    )
     best: dict[str, CandidateImage] = {}
     for image in images:
-        candidate = candidate_of(image, doc_keys[image.document_id], round(scores[image.id], 6), reasons[image.id])
+        candidate = candidate_of(image, image.doc_key, round(scores[image.id], 6), reasons[image.id])
         kept = best.get(image.source_name)
         if kept is None or candidate.score > kept.score:
             best[image.source_name] = candidate

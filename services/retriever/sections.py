@@ -118,6 +118,7 @@ def english_stemmer():
     return snowballstemmer.stemmer("english")
 
 
+@lru_cache(maxsize=65536)  # headings recur in every query on their document; Snowball in Python is slow
 def terms(text: str) -> frozenset[str]:
     """The content words of a text, stemmed (Snowball): what a heading and a question share.
 
