@@ -309,6 +309,85 @@ def run_in_process(
     )
 
 
+def run_bound(questions: list[dict[str, Any]], cluster) -> dict[str, Any]:
+    """The work no pipeline can avoid per question, alone, in this process: the question embedded, one
+    hybrid search (the production vector and full-text SQL), the bookkeeping our reliability rules need
+    (per stage an attempt begun and finished, the answer row, the query's status) and one S3 put. Its
+    CPU seconds per question (this process and the servers) give the bound on questions/s for the
+    machine's cores; the cluster's throughput is reported against it."""
+    import statistics
+
+    from sqlalchemy import insert, select, text, update
+    from sqlalchemy.dialects.postgresql import insert as upsert
+
+    from services.common.db import vector_literal
+    from services.common.models import Answer, Query, StageRun
+    from services.common.storage import get_store
+    from services.jobs.commands import job_config, submit_job
+    from services.jobs.questions import from_records
+    from services.retriever.search import POOL, text_ranks, vector_ranks
+
+    embedder = get_embedder(DEFAULT_EMBEDDING_MODEL)
+    embedder.encode(["warm-up"])
+    store = get_store()
+    config = job_config(questions[0]["collection"], generator=GENERATOR, inserter=INSERTER)
+    job_id = submit_job(from_records(questions), config, name="bench job_load bound", enqueue=False)
+    with session_scope() as session:
+        rows = session.execute(
+            select(Query.id, Query.question, Query.collection).where(Query.job_id == job_id).order_by(Query.line)
+        ).all()
+        collections = {name: get_collection(session, name) for name in {row.collection for row in rows}}
+    parts: dict[str, list[float]] = {"embed": [], "search": [], "writes": [], "s3": []}
+    meter = CpuMeter({"this process": os.getpid(), **server_pids(cluster)})
+    meter.start()
+    started = time.perf_counter()
+    for row in rows:
+        clock = time.perf_counter()
+        vector = vector_literal(embedder.encode([row.question])[0])
+        parts["embed"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        with session_scope() as session:
+            collection = collections[row.collection]
+            vector_ranks(session, "chunks", collection, vector, POOL)
+            text_ranks(session, collection, row.question, POOL)
+        parts["search"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        for stage in PIPELINE:
+            with session_scope() as session:
+                session.execute(text("SET LOCAL synchronous_commit = off"))
+                run_id = session.execute(
+                    insert(StageRun)
+                    .values(query_id=row.id, stage=stage.value, attempt=1, status="running")
+                    .returning(StageRun.id)
+                ).scalar_one()
+            with session_scope() as session:
+                session.execute(
+                    update(StageRun).where(StageRun.id == run_id).values(status="succeeded", output={"bound": True})
+                )
+        with session_scope() as session:
+            session.execute(upsert(Answer).values(query_id=row.id, markdown=row.question, blocks=[]))
+            session.execute(update(Query).where(Query.id == row.id).values(status="succeeded"))
+        parts["writes"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        store.put_named(f"answers/{row.id}/bound.md", row.question.encode(), "text/markdown")
+        parts["s3"].append(time.perf_counter() - clock)
+    wall = time.perf_counter() - started
+    cpu = meter.stop()
+    cpu_per_question = (cpu["cpu_s_ours"] or 0.0) / len(rows)
+    cores = psutil.cpu_count() or 1
+    return {
+        "mode": "bound",
+        "questions": len(rows),
+        "wall_ms_per_question": round(wall / len(rows) * 1000, 2),
+        "p50_ms": {name: round(statistics.median(values) * 1000, 2) for name, values in parts.items()},
+        "cpu_ms_per_question": round(cpu_per_question * 1000, 2),
+        # all cores busy with nothing but this work
+        "bound_questions_per_s": round(cores / cpu_per_question, 1) if cpu_per_question else None,
+        "one_process_questions_per_s": round(len(rows) / wall, 2),
+        "cpu": cpu,
+    }
+
+
 def restart_workers(cluster, concurrency: int, torch_threads: int | None, per_stage: dict[str, int]) -> None:
     from infra.processes import stop
     from services.common.celery_app import worker_argv
@@ -417,13 +496,18 @@ def cpu_per_question(run: dict[str, Any]) -> float | None:
 
 
 def compare(runs: dict[str, Any]) -> dict[str, Any]:
-    """Each cluster run against each in-process run of the same suffix (same torch threads):
+    """Each cluster run against the bound, and against each in-process run of the same suffix (same torch threads):
     throughput ratio (cluster / in-process; overhead = 1 - ratio) and CPU seconds per question
     ratio (cluster / in-process: the work the queues add, whatever else ran on the machine)."""
     ratios: dict[str, Any] = {}
+    bounds = {key: run for key, run in runs.items() if run.get("mode") == "bound" and run.get("bound_questions_per_s")}
     for key, run in runs.items():
         if run.get("mode") != "cluster" or not run.get("questions_per_s"):
             continue
+        for bound_key, bound in bounds.items():  # how close the cluster comes to the bound
+            ratios.setdefault(key, {})[bound_key] = {
+                "share_of_bound": round(run["questions_per_s"] / bound["bound_questions_per_s"], 3)
+            }
         for base_key, base in runs.items():
             if base.get("mode") != "in-process" or base.get("suffix", "") != run.get("suffix", ""):
                 continue
@@ -484,6 +568,8 @@ def main() -> None:
             processes = int(run.partition(":")[2] or 1)
             count = args.in_process_questions or args.questions
             result = run_in_process(questions[:count], cluster, processes, args.torch_threads, args.warm_up)
+        elif run == "bound":
+            result = run_bound(questions[: args.in_process_questions or args.questions], cluster)
         elif run.startswith("cluster:"):
             # cluster:N, or cluster:N:stage=M:... for stages with another process count
             count, *overrides = run.split(":")[1:]
@@ -492,7 +578,7 @@ def main() -> None:
                 questions, cluster, int(count), per_stage, args.torch_threads, args.warm_up, args.stall_timeout
             )
         else:
-            parser.error(f"unknown run {run!r}: use in-process or cluster:N")
+            parser.error(f"unknown run {run!r}: use in-process[:N], cluster:N or bound")
         result = {"label": label, "suffix": args.suffix, "started_at": started.isoformat(timespec="seconds"), **result}
         report["runs"][label] = result
         report.update(

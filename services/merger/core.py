@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import cache
 from urllib.parse import quote, unquote
 
+from cachetools import LRUCache
 from markdown_it import MarkdownIt
 
 from services.common.contracts import (
@@ -239,6 +240,25 @@ def render_markdown(source: str) -> str:
     return renderer.renderer.render(tokens, renderer.options, {})
 
 
+# Images are stored under their sha256 (`ObjectStore.put_content`): a key's bytes never change, so the
+# merger keeps the data URIs of the images it embedded last (the same few illustrate many answers)
+# instead of reading and encoding them from S3 for every answer. Bounded by size, per process.
+DATA_URI_CACHE_BYTES = 64 * 2**20
+data_uris: LRUCache = LRUCache(maxsize=DATA_URI_CACHE_BYTES, getsizeof=len)
+
+
+def data_uri(key: str, store: ObjectStore) -> str:
+    """The image under `key` as a data URI (ObjectMissing when it is gone)."""
+    uri = data_uris.get(key)
+    if uri is None:
+        data = store.get(key)
+        mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+        uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        if len(uri) <= DATA_URI_CACHE_BYTES // 8:  # one large image must not push out all the others
+            data_uris[key] = uri
+    return uri
+
+
 def figure_html(
     block: AnswerBlock, keys: dict[str, tuple[str, str | None]], store: ObjectStore | None
 ) -> tuple[str, str | None]:
@@ -247,20 +267,18 @@ def figure_html(
     key, caption = keys.get(block.source_name or "", (None, None))
     caption_html = html.escape(block.caption or caption or block.source_name or "")
     name_html = html.escape(block.source_name or "")
-    data, warning = None, None
+    uri, warning = None, None
     if key and store is not None:
         try:
-            data = store.get(key)
+            uri = data_uri(key, store)
         except ObjectMissing:
             warning = f"image {block.source_name} is missing from storage ({key})"
-    if data is None:
+    if uri is None:
         return (
             f'<figure class="missing"><div>[image {name_html} unavailable]</div>'
             f"<figcaption>{caption_html}</figcaption></figure>",
             warning,
         )
-    mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
-    uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
     return (
         f'<figure><img src="{uri}" alt="{caption_html}" data-source-name="{name_html}">'
         f"<figcaption>{caption_html}</figcaption></figure>",
