@@ -30,7 +30,7 @@ from services.common.models import Answer, Collection, Document, Image, IngestIt
 from services.common.stage_runs import outputs_of
 from services.jobs import commands
 from services.jobs.commands import JobError, RetryReport
-from services.jobs.questions import QuestionLine, from_records, read_questions
+from services.jobs.questions import QuestionLine, from_records, stream_questions
 from services.jobs.status import JobStatus, UnknownJob, job_status, list_jobs, parse_job_id
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class Client:
         candidates: int | None = None,
         name: str | None = None,
     ) -> uuid.UUID:
-        """Submit a job: a questions .jsonl path, or question dicts (`id`, `question`, gold fields).
+        """Submit a job: a questions .jsonl path (read as a stream), or question dicts (`id`, `question`, gold fields).
 
         `config` is a `JobConfig`, or a collection name with the other options as keywords."""
         if isinstance(config, str):
@@ -301,7 +301,7 @@ class Client:
         elif any(option is not None for option in (generator, inserter, top_k, candidates)):
             raise JobError("give the options in the JobConfig, not beside it")
         if isinstance(questions, str | Path):
-            parsed = read_questions(Path(questions))
+            parsed = stream_questions(Path(questions))  # stored in batches as it is read
             name = name or Path(questions).name
         else:
             items = list(questions)
