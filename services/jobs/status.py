@@ -172,81 +172,73 @@ def seconds_of(value) -> float | None:
     return None if value is None else round(float(value), 4)
 
 
-# A job's stage runs, three ways, each a narrow scan of its rows (no per-(query, stage) grouping of all of
-# them): attempts per stage; the winning attempts (at most one per query and stage:
-# uq_stage_runs_one_success), with their durations, queue waits (from the previous stage's winner, or
-# the query's submission, to the stage's first attempt) and the end-to-end latency; and the last attempt
-# of each (query, stage) that has no winner: few, but for failed and in-flight queries. Percentiles are
-# nearest-rank, as `percentile` computes them: percentile_disc takes the value at rank ceil(fraction * n).
-JOB_RUNS = """
+# One statement over a job's stage runs, read once (`runs`, narrow: what the three parts need): attempts
+# per stage; the winning attempts (at most one per query and stage: uq_stage_runs_one_success) with their
+# durations, queue waits (from the previous stage's winner, or the query's submission, to the stage's
+# first attempt) and end-to-end latency; the last attempt of each (query, stage) with no winner (few: the
+# failed and the in-flight). Percentiles are nearest-rank, as `percentile` computes them: percentile_disc
+# takes the value at rank ceil(fraction * n).
+STAGE_AGGREGATES = """
+WITH runs AS MATERIALIZED (
+    SELECT r.query_id, r.stage, r.attempt, r.status, r.worker, r.started_at, r.finished_at,
+           q.created_at AS query_created, q.status AS query_status
     FROM stage_runs r JOIN queries q ON q.id = r.query_id
     WHERE q.job_id = :job_id AND r.stage IN :stages
-"""
-
-ATTEMPTS = f"""
-SELECT r.stage, count(*) AS attempts, count(*) FILTER (WHERE r.status = 'lost') AS lost {JOB_RUNS}
-GROUP BY r.stage
-"""
-
-WINNERS = f"""
-WITH won AS (
-    SELECT r.query_id, r.stage, r.attempt, r.started_at, r.finished_at, q.created_at AS query_created,
-           q.status NOT IN ('failed', 'cancelled') AS live
-    {JOB_RUNS} AND r.status = 'succeeded'
+), won AS (
+    SELECT * FROM runs WHERE status = 'succeeded'
 ), timed AS (
-    SELECT won.stage, won.live,
+    SELECT won.stage, won.query_status NOT IN ('failed', 'cancelled') AS live,
            extract(epoch FROM won.finished_at - won.started_at) AS duration,
            extract(epoch FROM won.finished_at - won.query_created) AS end_to_end,
            extract(epoch FROM
                CASE WHEN won.attempt = 1 THEN won.started_at
-                    ELSE (SELECT min(f.started_at) FROM stage_runs f
+                    ELSE (SELECT min(f.started_at) FROM stage_runs f  -- redelivered: by the index, for these only
                           WHERE f.query_id = won.query_id AND f.stage = won.stage)
                END
                - CASE WHEN won.stage = :first THEN won.query_created ELSE previous.finished_at END
            ) AS wait
-    FROM won LEFT JOIN won previous ON previous.query_id = won.query_id AND previous.stage = ({{previous_stage}})
-)
-SELECT stage,
-       count(*) AS succeeded,
-       count(*) FILTER (WHERE live) AS live,
-       percentile_disc(0.5) WITHIN GROUP (ORDER BY duration) AS p50,
-       percentile_disc(0.99) WITHIN GROUP (ORDER BY duration) AS p99,
-       avg(duration) AS mean,
-       percentile_disc(0.5) WITHIN GROUP (ORDER BY greatest(0, wait)) FILTER (WHERE wait IS NOT NULL) AS wait_p50,
-       percentile_disc(0.99) WITHIN GROUP (ORDER BY greatest(0, wait)) FILTER (WHERE wait IS NOT NULL) AS wait_p99,
-       percentile_disc(0.5) WITHIN GROUP (ORDER BY end_to_end) AS end_to_end_p50,
-       percentile_disc(0.99) WITHIN GROUP (ORDER BY end_to_end) AS end_to_end_p99
-FROM timed GROUP BY stage
-"""
-
-UNFINISHED = f"""
-WITH last AS (
-    SELECT DISTINCT ON (r.query_id, r.stage) r.stage, r.status, r.worker, r.started_at, q.status AS query_status
-    {JOB_RUNS} AND NOT EXISTS (
-        SELECT 1 FROM stage_runs w WHERE w.query_id = r.query_id AND w.stage = r.stage AND w.status = 'succeeded'
-    )
+    FROM won LEFT JOIN won previous ON previous.query_id = won.query_id AND previous.stage = ({previous_stage})
+), winners AS (
+    SELECT stage,
+           count(*) AS succeeded,
+           count(*) FILTER (WHERE live) AS live_won,
+           percentile_disc(0.5) WITHIN GROUP (ORDER BY duration) AS p50,
+           percentile_disc(0.99) WITHIN GROUP (ORDER BY duration) AS p99,
+           avg(duration) AS mean,
+           percentile_disc(0.5) WITHIN GROUP (ORDER BY greatest(0, wait)) FILTER (WHERE wait IS NOT NULL) AS wait_p50,
+           percentile_disc(0.99) WITHIN GROUP (ORDER BY greatest(0, wait)) FILTER (WHERE wait IS NOT NULL) AS wait_p99,
+           percentile_disc(0.5) WITHIN GROUP (ORDER BY end_to_end) AS end_to_end_p50,
+           percentile_disc(0.99) WITHIN GROUP (ORDER BY end_to_end) AS end_to_end_p99
+    FROM timed GROUP BY stage
+), last AS (
+    SELECT DISTINCT ON (r.query_id, r.stage) r.stage, r.status, r.worker, r.started_at, r.query_status
+    FROM runs r
+    WHERE NOT EXISTS (SELECT 1 FROM won w WHERE w.query_id = r.query_id AND w.stage = r.stage)
     ORDER BY r.query_id, r.stage, r.attempt DESC
+), unfinished AS (
+    SELECT stage,
+           count(*) FILTER (WHERE query_status NOT IN ('failed', 'cancelled')) AS live_unfinished,
+           count(*) FILTER (WHERE status = 'retrying' AND query_status NOT IN :terminal) AS retrying,
+           count(*) FILTER (WHERE status = 'failed') AS failed,
+           count(*) FILTER (
+               WHERE status NOT IN ('running', 'failed') AND NOT (status = 'retrying' AND query_status NOT IN :terminal)
+           ) AS pending_unfinished,
+           json_agg(json_build_array(worker, started_at)) FILTER (WHERE status = 'running') AS running
+    FROM last GROUP BY stage
+), attempts AS (
+    SELECT stage, count(*) AS attempts, count(*) FILTER (WHERE status = 'lost') AS lost FROM runs GROUP BY stage
 )
-SELECT stage,
-       count(*) FILTER (WHERE query_status NOT IN ('failed', 'cancelled')) AS live,
-       count(*) FILTER (WHERE status = 'retrying' AND query_status NOT IN :terminal) AS retrying,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (
-           WHERE status NOT IN ('running', 'failed') AND NOT (status = 'retrying' AND query_status NOT IN :terminal)
-       ) AS pending,
-       json_agg(json_build_array(worker, started_at)) FILTER (WHERE status = 'running') AS running
-FROM last GROUP BY stage
+SELECT * FROM attempts LEFT JOIN winners USING (stage) LEFT JOIN unfinished USING (stage)
 """
 
 
-def stage_sql(query: str):
+def stage_sql():
     previous = " ".join(
         f"WHEN '{later.value}' THEN '{earlier.value}'"
         for earlier, later in zip(PIPELINE[:-1], PIPELINE[1:], strict=True)
     )
-    statement = text(query.replace("{previous_stage}", f"CASE won.stage {previous} END"))
-    expanding = [bindparam(name, expanding=True) for name in ("stages", "terminal") if f":{name}" in query]
-    return statement.bindparams(*expanding)
+    statement = text(STAGE_AGGREGATES.replace("{previous_stage}", f"CASE won.stage {previous} END"))
+    return statement.bindparams(bindparam("stages", expanding=True), bindparam("terminal", expanding=True))
 
 
 def stage_aggregates(
@@ -256,27 +248,36 @@ def stage_aggregates(
     start: `worker_gone` tells which wait for redelivery; one per query in flight at most); the end-to-end
     p50 and p99 of the answered queries. A query not started at a stage is pending there unless it
     failed or was cancelled."""
-    params = {"job_id": job_id, "stages": [stage.value for stage in PIPELINE], "terminal": list(TERMINAL)}
+    params = {
+        "job_id": job_id,
+        "stages": [stage.value for stage in PIPELINE],
+        "terminal": list(TERMINAL),
+        "first": PIPELINE[0].value,
+    }
     live = session.scalar(
         select(func.count()).where(Query.job_id == job_id, Query.status.not_in(("failed", "cancelled")))
     )
     summaries = {stage.value: StageSummary(stage=stage.value, pending=live) for stage in PIPELINE}
-    for row in session.execute(stage_sql(ATTEMPTS), params).mappings():
-        summaries[row["stage"]].attempts, summaries[row["stage"]].lost = row["attempts"], row["lost"]
     latency: tuple[float | None, float | None] = (None, None)
-    for row in session.execute(stage_sql(WINNERS), {**params, "first": PIPELINE[0].value}).mappings():
+    running: list[tuple[str, str | None, datetime]] = []
+    # The sorts of 10,000s of durations per stage stay in memory (the default 4 MB spills them to disk).
+    session.execute(text("SET LOCAL work_mem = '32MB'"))
+    for row in session.execute(stage_sql(), params).mappings():
         summary = summaries[row["stage"]]
-        summary.succeeded, summary.pending = row["succeeded"], summary.pending - row["live"]
+        summary.attempts, summary.lost = row["attempts"], row["lost"]
+        summary.succeeded, summary.retrying, summary.failed = (
+            row["succeeded"] or 0,
+            row["retrying"] or 0,
+            row["failed"] or 0,
+        )
+        summary.pending = (
+            live - (row["live_won"] or 0) - (row["live_unfinished"] or 0) + (row["pending_unfinished"] or 0)
+        )
         summary.p50_s, summary.p99_s = seconds_of(row["p50"]), seconds_of(row["p99"])
         summary.mean_s = seconds_of(row["mean"])
         summary.wait_p50_s, summary.wait_p99_s = seconds_of(row["wait_p50"]), seconds_of(row["wait_p99"])
         if row["stage"] == PIPELINE[-1].value:
             latency = (seconds_of(row["end_to_end_p50"]), seconds_of(row["end_to_end_p99"]))
-    running: list[tuple[str, str | None, datetime]] = []
-    for row in session.execute(stage_sql(UNFINISHED), params).mappings():
-        summary = summaries[row["stage"]]
-        summary.retrying, summary.failed = row["retrying"], row["failed"]
-        summary.pending += row["pending"] - row["live"]
         running += [(row["stage"], worker, datetime.fromisoformat(start)) for worker, start in row["running"] or ()]
     return summaries, running, latency
 
