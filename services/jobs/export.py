@@ -19,15 +19,17 @@ import html
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import select
 
-from services.common.contracts import AnswerBlock
+from services.common.contracts import AnswerBlock, CandidateImage
 from services.common.db import session_scope
-from services.common.models import Answer, Query
+from services.common.models import Answer, Query, StageRun
 from services.common.queues import Stage
 from services.common.stage_runs import StageOutputs, outputs_of_queries
 from services.common.storage import ObjectMissing, ObjectStore, get_store
@@ -133,6 +135,45 @@ class ExportResult:
 
 
 EXPORT_BATCH = 200  # questions read (and their stage outputs) at a time: the export's memory stays flat
+FETCHERS = 8  # a batch's stored HTML pages are read from S3 this many at a time (each GET is a round trip)
+CANDIDATES = TypeAdapter(list[CandidateImage])
+
+
+@dataclass
+class BatchInputs:
+    """What the questions of one batch need besides their rows: their text answers and plans, their
+    retrievals' candidate images (only those: not the passages) and their stored HTML pages (None when
+    the object is missing)."""
+
+    outputs: dict[uuid.UUID, StageOutputs]
+    candidates: dict[uuid.UUID, list[CandidateImage]]
+    pages: dict[str, bytes | None]
+
+
+def batch_inputs(batch, store: ObjectStore, pool: ThreadPoolExecutor) -> BatchInputs:
+    ids = [query.id for query, _ in batch]
+    with session_scope() as session:
+        candidates = {
+            query_id: CANDIDATES.validate_python(found or [])
+            for query_id, found in session.execute(
+                select(StageRun.query_id, StageRun.output["candidates"]).where(
+                    StageRun.query_id.in_(ids), StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded"
+                )
+            )
+        }
+
+    def fetch(key: str) -> bytes | None:
+        try:
+            return store.get(key)
+        except ObjectMissing:
+            return None
+
+    keys = sorted({answer.html_key for _, answer in batch if answer is not None and answer.html_key})
+    return BatchInputs(
+        outputs=outputs_of_queries(ids, [Stage.GENERATOR, Stage.INSERTER]),
+        candidates=candidates,
+        pages=dict(zip(keys, pool.map(fetch, keys), strict=True)),
+    )
 
 
 def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None = None) -> ExportResult:
@@ -162,24 +203,22 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
             .order_by(*order)
             .execution_options(yield_per=EXPORT_BATCH)
         )
-        for batch in stream.partitions():
-            outputs = outputs_of_queries(
-                [query.id for query, _ in batch], [Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER]
-            )
-            for query, answer in batch:
-                stem = stems[result.questions]
-                images = export_question(stem, query, answer, outputs.get(query.id), store, places, result)
-                rows.append(index_row(stem, query, "succeeded" if answer else query.status, images))
-                result.questions += 1
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            for batch in stream.partitions():
+                inputs = batch_inputs(batch, store, pool)
+                for query, answer in batch:
+                    stem = stems[result.questions]
+                    images = export_question(stem, query, answer, inputs, store, places, result)
+                    rows.append(index_row(stem, query, "succeeded" if answer else query.status, images))
+                    result.questions += 1
     result.index.write_text(index_head(status) + "".join(rows) + INDEX_TAIL, encoding="utf-8")
     return result
 
 
-def export_question(
-    stem: str, query: Query, answer: Answer | None, outputs: StageOutputs | None, store, places, result
-) -> int:
+def export_question(stem: str, query: Query, answer: Answer | None, inputs: BatchInputs, store, places, result) -> int:
     """One question's `.json`, `.md` and `.html` (and the images its answer shows); how many images it shows."""
     out_dir = result.out_dir
+    outputs = inputs.outputs.get(query.id)
     blocks = export_blocks(answer.blocks) if answer else []
     status_text = "succeeded" if answer else query.status
     record = {
@@ -191,14 +230,15 @@ def export_question(
         "error": None if answer else query.described_error,
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
-    candidates = outputs.retrieval.candidates if outputs and outputs.retrieval else []
+    candidates = inputs.candidates.get(query.id, [])
     if answer:
         result.answered += 1
         page = None
         if answer.html_key:
-            try:
-                page = store.get(answer.html_key).decode("utf-8")
-            except ObjectMissing:
+            stored = inputs.pages.get(answer.html_key)
+            if stored is not None:
+                page = stored.decode("utf-8")
+            else:
                 result.warnings.append(
                     f"{query.external_id}: the stored HTML {answer.html_key} is missing; re-rendered"
                 )
