@@ -10,9 +10,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0009_job_scale"
-# The lead's 0008_stored_vectors (revision id "0008") is not on this branch yet: until a rebase on main
-# brings it, this revision stands on 0007.
-down_revision = "0007"
+down_revision = "0008"  # 0008_stored_vectors
 branch_labels = None
 depends_on = None
 
