@@ -26,12 +26,13 @@ from sqlalchemy.exc import OperationalError
 
 from services.common.contracts import InsertionPlan, JobConfig, Retrieval, TextAnswer
 from services.common.db import session_scope
-from services.common.models import Answer, Collection, Document, Image, IngestItem, Query, StageRun
+from services.common.models import Answer, Collection, Document, Image, IngestItem, Query
 from services.common.stage_runs import outputs_of
 from services.jobs import commands
 from services.jobs.commands import JobError, RetryReport
-from services.jobs.questions import QuestionLine, from_records, read_questions
-from services.jobs.status import JobStatus, UnknownJob, job_status, list_jobs, parse_job_id
+from services.jobs.query_views import QueryView, query_count, query_views
+from services.jobs.questions import QuestionLine, from_records, stream_questions
+from services.jobs.status import JobStatus, UnknownJob, job_status, list_jobs
 
 if TYPE_CHECKING:
     from services.retriever.ingest_runs import StagedRun
@@ -48,19 +49,6 @@ __all__ = [
     "IngestProgress",
     "IngestReport",
 ]
-
-
-class QueryView(BaseModel):
-    """One query of a job with its per-stage state and timings (the job detail page)."""
-
-    query_id: uuid.UUID
-    id: str
-    question: str
-    status: str
-    error: str | None
-    line: int | None
-    stages: dict[str, dict[str, Any]]  # stage -> {status, attempts, seconds, worker}
-    has_answer: bool
 
 
 class AnswerView(BaseModel):
@@ -291,7 +279,7 @@ class Client:
         candidates: int | None = None,
         name: str | None = None,
     ) -> uuid.UUID:
-        """Submit a job: a questions .jsonl path, or question dicts (`id`, `question`, gold fields).
+        """Submit a job: a questions .jsonl path (read as a stream), or question dicts (`id`, `question`, gold fields).
 
         `config` is a `JobConfig`, or a collection name with the other options as keywords."""
         if isinstance(config, str):
@@ -301,15 +289,15 @@ class Client:
         elif any(option is not None for option in (generator, inserter, top_k, candidates)):
             raise JobError("give the options in the JobConfig, not beside it")
         if isinstance(questions, str | Path):
-            parsed = read_questions(Path(questions))
+            parsed = stream_questions(Path(questions))  # stored in batches as it is read
             name = name or Path(questions).name
         else:
             items = list(questions)
             parsed = items if items and isinstance(items[0], QuestionLine) else from_records(items)
         return commands.submit_job(parsed, config, name=name)
 
-    def status(self, job_id: str | uuid.UUID) -> JobStatus:
-        return job_status(job_id)
+    def status(self, job_id: str | uuid.UUID, *, failure_limit: int | None = None) -> JobStatus:
+        return job_status(job_id, failure_limit=failure_limit)
 
     def jobs(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[JobStatus]:
         return list_jobs(limit=limit, state=state, search=search)
@@ -376,48 +364,14 @@ class Client:
             write_report(reports, Path(out))
         return reports
 
-    def queries(self, job_id: str | uuid.UUID) -> list[QueryView]:
-        job_id = parse_job_id(job_id)
-        with session_scope() as session:
-            queries = session.scalars(
-                select(Query).where(Query.job_id == job_id).order_by(Query.line.nulls_last(), Query.created_at)
-            ).all()
-            runs = session.execute(
-                select(StageRun)
-                .join(Query, Query.id == StageRun.query_id)
-                .where(Query.job_id == job_id)
-                .order_by(StageRun.attempt)
-            ).scalars()
-            answered = set(
-                session.scalars(
-                    select(Answer.query_id).join(Query, Query.id == Answer.query_id).where(Query.job_id == job_id)
-                )
-            )
-            stages: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
-            for run in runs:
-                entry = stages.setdefault(run.query_id, {}).setdefault(run.stage, {"attempts": 0})
-                entry["attempts"] += 1
-                if entry.get("status") != "succeeded":
-                    entry.update(
-                        status=run.status,
-                        worker=run.worker,
-                        started_at=run.started_at,
-                        seconds=(run.finished_at - run.started_at).total_seconds() if run.finished_at else None,
-                        error=run.error,
-                    )
-            return [
-                QueryView(
-                    query_id=q.id,
-                    id=q.external_id,
-                    question=q.question,
-                    status=q.status,
-                    error=q.described_error,
-                    line=q.line,
-                    stages=stages.get(q.id, {}),
-                    has_answer=q.id in answered,
-                )
-                for q in queries
-            ]
+    def queries(
+        self, job_id: str | uuid.UUID, *, offset: int = 0, limit: int | None = None, status: str | None = None
+    ) -> list[QueryView]:
+        """A job's queries in file order with their stages: a page of them (`offset`, `limit`, `status`)."""
+        return query_views(job_id, offset=offset, limit=limit, status=status)
+
+    def query_count(self, job_id: str | uuid.UUID, status: str | None = None) -> int:
+        return query_count(job_id, status)
 
     def answer(self, query_id: str | uuid.UUID) -> AnswerView:
         from services.jobs.evaluate import score_query

@@ -1,4 +1,6 @@
-"""Job detail: its queries with per-stage status and timings (a chart), error messages, links to answers."""
+"""Job detail: the job's per-stage aggregates, then its queries a page at a time with per-stage status and
+timings (a chart of the page), error messages, links to answers. A job of 10,000 questions shows its
+counts and percentiles (computed in Postgres) and one page of questions, never a table of all of them."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from dashboard.views.common import STATE_ICON, auto_refresh_seconds, client, lin
 from services.client import UnknownJob
 from services.common.queues import PIPELINE
 
+PAGE_SIZES = (25, 50, 100, 200)
+FAILURES_SHOWN = 100
 STAGE_ICON = {"succeeded": "✅", "failed": "❌", "running": "⏳", "retrying": "🔁", "lost": "💥", "superseded": "➖"}
 
 
@@ -30,9 +34,9 @@ def pick_job() -> str | None:
     return chosen
 
 
-def query_rows(job_id: str) -> list[dict]:
+def query_rows(job_id: str, offset: int = 0, limit: int | None = None, status: str | None = None) -> list[dict]:
     rows = []
-    for view in client().queries(job_id):
+    for view in client().queries(job_id, offset=offset, limit=limit, status=status):
         row = {
             "id": view.id,
             "question": view.question[:120],
@@ -59,7 +63,7 @@ def render(settings) -> None:
     if job_id is None:
         return
     try:
-        status = client().status(job_id)
+        status = client().status(job_id, failure_limit=0)
     except UnknownJob as error:
         st.error(str(error))
         return
@@ -70,7 +74,7 @@ def render(settings) -> None:
 
     @st.fragment(run_every=auto_refresh_seconds("job", not status.done))
     def live() -> None:
-        current = client().status(job_id)
+        current = client().status(job_id, failure_limit=FAILURES_SHOWN)
         cols = st.columns(5)
         cols[0].metric("State", current.state)
         cols[1].metric("Answered", f"{current.counts.get('succeeded', 0)} / {current.total}")
@@ -108,32 +112,45 @@ def render(settings) -> None:
                 f"Waiting for redelivery: {', '.join(waiting)}. The worker running these stopped; their messages "
                 "go back to the queue within seconds, for the next worker of the stage."
             )
-        rows = query_rows(job_id)
-        # Numbered so the chart's legend (sorted by name) keeps the pipeline's order.
-        timings = pd.DataFrame(
-            {
-                f"{n}. {stage.value}": [row[f"{stage.value} ms"] or 0 for row in rows]
-                for n, stage in enumerate(PIPELINE, 1)
-            },
-            index=[row["id"] for row in rows],
-        )
-        if not timings.empty and timings.to_numpy().sum() > 0:
-            st.subheader("Time per stage, per question (ms)")
-            st.bar_chart(timings, horizontal=True, height=max(200, 22 * len(rows)))
         if current.failures:
-            st.subheader(f"Failures ({len(current.failures)})")
+            failed = current.counts.get("failed", 0)
+            st.subheader(f"Failures ({failed})")
+            if len(current.failures) < failed:
+                st.caption(f"the first {len(current.failures)} in file order; the questions below filter by `failed`")
             st.dataframe(
                 [{"question": f.id, "line": f.line, "stage": f.stage, "error": f.error} for f in current.failures],
                 hide_index=True,
                 width="stretch",
             )
-        st.subheader("Questions")
-        st.dataframe(
-            rows,
-            hide_index=True,
-            width="stretch",
-            column_order=["id", "question", "status", *[s.value for s in PIPELINE], "error", "answer"],
-            column_config={"answer": st.column_config.LinkColumn("answer", display_text="open")},
-        )
+        questions_page(job_id, current.counts)
 
     live()
+
+
+def questions_page(job_id: str, counts: dict[str, int]) -> None:
+    """One page of the job's questions (optionally of one status), with the time per stage of that page."""
+    st.subheader("Questions")
+    left, middle, right = st.columns(3)
+    status = left.selectbox("Status", ["all", *sorted(counts)], key="questions-status")
+    size = middle.selectbox("Per page", PAGE_SIZES, index=1, key="questions-size")
+    total = counts.get(status, 0) if status != "all" else sum(counts.values())
+    pages = max(1, -(-total // size))
+    number = int(right.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, key="questions-page"))
+    offset = (number - 1) * size
+    rows = query_rows(job_id, offset=offset, limit=size, status=None if status == "all" else status)
+    st.caption(f"questions {offset + 1 if rows else 0}–{offset + len(rows)} of {total}")
+    # Numbered so the chart's legend (sorted by name) keeps the pipeline's order.
+    timings = pd.DataFrame(
+        {f"{n}. {stage.value}": [row[f"{stage.value} ms"] or 0 for row in rows] for n, stage in enumerate(PIPELINE, 1)},
+        index=[row["id"] for row in rows],
+    )
+    if not timings.empty and timings.to_numpy().sum() > 0:
+        st.caption("Time per stage, per question of this page (ms)")
+        st.bar_chart(timings, horizontal=True, height=max(200, 22 * len(rows)))
+    st.dataframe(
+        rows,
+        hide_index=True,
+        width="stretch",
+        column_order=["id", "question", "status", *[s.value for s in PIPELINE], "error", "answer"],
+        column_config={"answer": st.column_config.LinkColumn("answer", display_text="open")},
+    )

@@ -10,19 +10,21 @@ from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
 from services.jobs.commands import job_config
 from services.jobs.questions import parse_lines
-from services.jobs.status import job_status
+from services.jobs.status import stage_successes
 
 STATES = ["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 
 
 def jobs_table(filter_states: list[str], search: str) -> list[dict]:
-    listed = client().jobs(limit=100, search=search or None)
+    listed = [
+        status
+        for status in client().jobs(limit=100, search=search or None)
+        if not filter_states or status.state in filter_states
+    ]
+    per_stage = stage_successes([status.id for status in listed])  # one grouped count, not a status per job
     rows = []
-    for summary in listed:
-        if filter_states and summary.state not in filter_states:
-            continue
-        status = job_status(summary.id)  # per-stage counts
-        done = {s.stage: s.succeeded for s in status.stages}
+    for status in listed:
+        done = per_stage[status.id]
         rows.append(
             {
                 "job": link("job", job=str(status.id)),

@@ -156,7 +156,12 @@ class Job(Base):
 
 class Query(Base):
     __tablename__ = "queries"
-    __table_args__ = (UniqueConstraint("job_id", "external_id"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "external_id"),
+        # A job's queries by status (its counts, its failures) and in file order (export, pages).
+        Index("ix_queries_job_status", "job_id", "status"),
+        Index("ix_queries_job_line", "job_id", "line"),
+    )
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     external_id: Mapped[str] = mapped_column(String(500), comment="the question id of the questions file")

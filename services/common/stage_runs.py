@@ -263,14 +263,26 @@ def read_outputs(query_id: uuid.UUID) -> StageOutputs:
 
 
 def outputs_of_job(job_id: uuid.UUID, stages: Iterable[Stage] | None = None) -> dict[uuid.UUID, StageOutputs]:
-    """The outputs of every query of a job (only `stages`, if given), keyed by query id."""
+    """The outputs of every query of a job (only `stages`, if given), keyed by query id. For a few
+    queries at a time (a large job, streamed), `outputs_of_queries`."""
+    return outputs_where(Query.job_id == job_id, stages)
+
+
+def outputs_of_queries(
+    query_ids: Iterable[uuid.UUID], stages: Iterable[Stage] | None = None
+) -> dict[uuid.UUID, StageOutputs]:
+    """The outputs of the given queries (only `stages`, if given), keyed by query id."""
+    return outputs_where(StageRun.query_id.in_(list(query_ids)), stages)
+
+
+def outputs_where(condition, stages: Iterable[Stage] | None) -> dict[uuid.UUID, StageOutputs]:
     wanted = [stage.value for stage in stages] if stages is not None else [entry.stage.value for entry in STAGES]
     rows: dict[uuid.UUID, list[tuple[str, dict[str, Any]]]] = {}
     with session_scope() as session:
         for query_id, stage, output in session.execute(
             select(StageRun.query_id, StageRun.stage, StageRun.output)
             .join(Query, Query.id == StageRun.query_id)
-            .where(Query.job_id == job_id, StageRun.status == "succeeded", StageRun.stage.in_(wanted))
+            .where(condition, StageRun.status == "succeeded", StageRun.stage.in_(wanted))
         ):
             rows.setdefault(query_id, []).append((stage, output))
     return {query_id: StageOutputs.from_rows(pairs) for query_id, pairs in rows.items()}

@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from services.common.contracts import JobConfig
 from services.common.db import session_scope
@@ -19,6 +20,8 @@ from services.generator.core import BACKENDS as GENERATOR_BACKENDS
 from services.inserter.core import BACKENDS as INSERTER_BACKENDS
 from services.jobs.questions import QuestionLine, storable
 from services.jobs.status import ENQUEUE_STAGE, INPUT_STAGE, QueryFailure, UnknownJob, parse_job_id
+
+T = TypeVar("T")
 
 
 class JobError(ValueError):
@@ -109,8 +112,47 @@ def validate_config(config: JobConfig) -> JobConfig:
     return resolved
 
 
+# Rows per INSERT and messages per broker round trip: a 10,000-question job is 10 statements and 20
+# pipelines, while a batch stays small in memory and in one statement's parameters.
+INSERT_BATCH = 1_000
+PUBLISH_BATCH = 500
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter).
+
+    >>> [len(b) for b in batches(range(5), 2)]
+    [2, 2, 1]
+    """
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def query_row(job_id: uuid.UUID, entry: QuestionLine) -> dict[str, Any]:
+    """The `queries` row of a question line: a question is `queued`, a line that is not one `failed`
+    with its reason (at the `input` stage)."""
+    return {
+        "id": uuid.uuid4(),
+        "job_id": job_id,
+        "external_id": entry.external_id,
+        "question": entry.question,
+        "line": entry.line,
+        "collection": entry.collection,
+        "gold": entry.gold,
+        "status": "failed" if entry.error else "queued",
+        "error": entry.error,
+        "error_stage": INPUT_STAGE if entry.error else None,
+    }
+
+
 def submit_job(
-    questions: list[QuestionLine],
+    questions: Iterable[QuestionLine],
     config: JobConfig,
     *,
     name: str | None = None,
@@ -120,10 +162,13 @@ def submit_job(
 
     Lines that are not questions are stored as failed queries with their reason, so that the job
     shows them; the rest of the batch runs. The config is validated once, here (`validate_config`).
+    `questions` may be a stream (`questions.stream_questions`): it is read once, stored in batches of
+    `INSERT_BATCH` rows in one transaction (nothing is stored if it fails, or holds no question), and
+    only the ids of the queries to send are kept. The messages go after the commit (a worker must find
+    its query), in pipelines of `PUBLISH_BATCH`; a broker that fails on the way is `send_or_mark_failed`'s.
     """
     config = validate_config(config)
-    if not questions:
-        raise JobError("no questions to submit")
+    runnable: list[uuid.UUID] = []
     with session_scope() as session:
         stored = check_collection(session, config.collection)
         job = Job(
@@ -134,24 +179,14 @@ def submit_job(
         )
         session.add(job)
         session.flush()
-        rows = [
-            Query(
-                job_id=job.id,
-                external_id=entry.external_id,
-                question=entry.question,
-                line=entry.line,
-                collection=entry.collection,
-                gold=entry.gold,
-                status="failed" if entry.error else "queued",
-                error=entry.error,
-                error_stage=INPUT_STAGE if entry.error else None,
-            )
-            for entry in questions
-        ]
-        session.add_all(rows)
-        session.flush()
-        job_id = job.id
-        runnable = [row.id for row in rows if row.status == "queued"]
+        job_id, count = job.id, 0
+        for batch in batches(questions, INSERT_BATCH):
+            rows = [query_row(job_id, entry) for entry in batch]
+            session.execute(insert(Query), rows)
+            runnable += [row["id"] for row in rows if row["status"] == "queued"]
+            count += len(rows)
+        if not count:
+            raise JobError("no questions to submit")
     if enqueue:
         send_or_mark_failed(job_id, [(query_id, Stage.RETRIEVER) for query_id in runnable])
     return job_id
@@ -162,34 +197,56 @@ def send_or_mark_failed(
     entries: list[tuple[uuid.UUID, Stage]],
     enqueue: Callable[[list[tuple[uuid.UUID, Stage]]], None] | None = None,
 ) -> None:
-    """Enqueue; if the broker cannot be reached, no query may be left `queued` with no message
-    (it would wait forever): they are marked failed, retryable, and EnqueueError says so."""
+    """Enqueue, `PUBLISH_BATCH` messages at a time; if the broker cannot be reached, no query may be left
+    `queued` with no message (it would wait forever): those of the batch that failed (its delivery is
+    uncertain) and of every later one are marked failed, retryable, and EnqueueError says so. Earlier
+    batches went out: their queries stay queued for their workers."""
+    sent = 0
     try:
-        (enqueue or enqueue_queries)(entries)
+        for batch in batches(entries, PUBLISH_BATCH):
+            (enqueue or enqueue_queries)(batch)
+            sent += len(batch)
     except Exception as error:
+        from kombu.exceptions import BatchPublishError
         from kombu.exceptions import OperationalError as BrokerError
 
-        if not isinstance(error, BrokerError | ConnectionError | OSError):
+        if not isinstance(error, BrokerError | BatchPublishError | ConnectionError | OSError):
             raise
         message = f"could not reach the broker ({type(error).__name__}: {error})"
+        unsent = [query_id for query_id, _ in entries[sent:]]
         with session_scope() as session:
-            session.execute(
-                update(Query)
-                .where(Query.id.in_([query_id for query_id, _ in entries]), Query.status == "queued")
-                .values(status="failed", error=message[:4000], error_stage=ENQUEUE_STAGE, updated_at=now())
-            )
-        raise EnqueueError(job_id, len(entries), error) from error
+            for ids in batches(unsent, INSERT_BATCH):
+                session.execute(
+                    update(Query)
+                    .where(Query.id.in_(ids), Query.status == "queued")
+                    .values(status="failed", error=message[:4000], error_stage=ENQUEUE_STAGE, updated_at=now())
+                )
+        raise EnqueueError(job_id, len(unsent), error) from error
 
 
 def enqueue_queries(entries: list[tuple[uuid.UUID, Stage]]) -> None:
-    """One message per query, to the task of the stage it (re)starts at, over one broker connection."""
+    """One message per query, to the task of the stage it (re)starts at, over one broker connection and
+    in one round trip (kombu's publish batch: one Redis pipeline, flushed when the block ends). Per
+    message Celery's own work is what is left: each queue is declared with its first message only (the
+    declaration is what routes to it), and the arguments' repr for the task-sent event is written here
+    rather than by `saferepr`."""
     from services.common.celery_app import app
 
     if not entries:
         return
-    with app.producer_or_acquire() as producer:
+    declared: set[Stage] = set()
+    with app.producer_or_acquire() as producer, producer.batch(max_size=len(entries)):
         for query_id, stage in entries:
-            app.send_task(ANSWER_TASKS[stage], args=[{"query_id": str(query_id)}], producer=producer)
+            payload = {"query_id": str(query_id)}
+            app.send_task(
+                ANSWER_TASKS[stage],
+                args=[payload],
+                producer=producer,
+                argsrepr=repr([payload]),
+                kwargsrepr="{}",
+                **({} if stage not in declared else {"declare": []}),
+            )
+            declared.add(stage)
 
 
 class RetryReport(BaseModel):

@@ -21,7 +21,7 @@ from services.common.contracts import JobConfig, Retrieval, TextAnswer
 from services.common.db import session_scope
 from services.common.metrics import aggregate, answer_metrics
 from services.common.models import EvalRun, Query
-from services.common.stage_runs import StageOutputs, outputs_of_job
+from services.common.stage_runs import StageOutputs, outputs_of_queries
 from services.jobs.status import job_status, parse_job_id
 
 ANSWER_METRICS = (
@@ -113,27 +113,41 @@ def backend_label(config: JobConfig, outputs: list[StageOutputs]) -> str:
     return f"{generator or '?'}+{inserter or '?'}"
 
 
+SCORE_BATCH = 500
+
+
 def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]:
     """The evaluation of one job: per-question rows and their aggregate (stored as an eval run)."""
     job_id = parse_job_id(job_id)
-    status = job_status(job_id)
-    with session_scope() as session:
-        queries = (
-            session.execute(select(Query).where(Query.job_id == job_id).order_by(Query.line.nulls_last()))
-            .scalars()
-            .all()
-        )
-    outputs = outputs_of_job(job_id)
+    status = job_status(job_id, detail=False)
     rows = []
-    for query in queries:
-        gold = query.gold or {}
-        if not gold.get("gold_answer"):
-            continue
-        row = {"id": query.external_id, "status": query.status}
-        row.update(score_query(query.question, gold, outputs.get(query.id, StageOutputs()), query.status))
-        if query.status != "succeeded":
-            row["error"] = query.described_error
-        rows.append(row)
+    questions = 0
+    seen: list[StageOutputs] = []  # the first outputs that name each backend, for the label
+    with session_scope() as session:
+        # A batch of questions and their stage outputs at a time: a job of 10,000 is never held whole.
+        stream = session.execute(
+            select(Query)
+            .where(Query.job_id == job_id)
+            .order_by(Query.line.nulls_last(), Query.created_at, Query.id)
+            .execution_options(yield_per=SCORE_BATCH)
+        ).scalars()
+        for batch in stream.partitions():
+            outputs = outputs_of_queries([query.id for query in batch])
+            for output in outputs.values():
+                if (output.answer and not any(o.answer for o in seen)) or (
+                    output.plan and not any(o.plan for o in seen)
+                ):
+                    seen.append(output)
+            for query in batch:
+                questions += 1
+                gold = query.gold or {}
+                if not gold.get("gold_answer"):
+                    continue
+                row = {"id": query.external_id, "status": query.status}
+                row.update(score_query(query.question, gold, outputs.get(query.id, StageOutputs()), query.status))
+                if query.status != "succeeded":
+                    row["error"] = query.described_error
+                rows.append(row)
     numeric = [{k: v for k, v in row.items() if k in ANSWER_METRICS + RETRIEVAL_METRICS} for row in rows]
     summary = aggregate(numeric)
     summary["failed"] = sum(row["status"] != "succeeded" for row in rows)
@@ -142,10 +156,10 @@ def score_job(job_id: str | uuid.UUID, *, record: bool = True) -> dict[str, Any]
     report = {
         "job_id": str(job_id),
         "collection": status.collection,
-        "backends": backend_label(status.config, list(outputs.values())),
+        "backends": backend_label(status.config, seen),
         "config": status.config.model_dump(mode="json"),
         "state": status.state,
-        "questions": len(queries),
+        "questions": questions,
         "scored": len(rows),
         "aggregate": summary,
         "per_question": rows,

@@ -19,17 +19,19 @@ import html
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import select
 
-from services.common.contracts import AnswerBlock
+from services.common.contracts import AnswerBlock, CandidateImage
 from services.common.db import session_scope
-from services.common.models import Answer, Query
+from services.common.models import Answer, Query, StageRun
 from services.common.queues import Stage
-from services.common.stage_runs import StageOutputs, outputs_of_job
+from services.common.stage_runs import StageOutputs, outputs_of_queries
 from services.common.storage import ObjectMissing, ObjectStore, get_store
 from services.jobs.status import job_status, parse_job_id
 from services.merger.core import markdown_text, to_html, to_markdown
@@ -132,7 +134,52 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
+EXPORT_BATCH = 200  # questions read (and their stage outputs) at a time: the export's memory stays flat
+FETCHERS = 8  # a batch's stored HTML pages are read from S3 this many at a time (each GET is a round trip)
+CANDIDATES = TypeAdapter(list[CandidateImage])
+
+
+@dataclass
+class BatchInputs:
+    """What the questions of one batch need besides their rows: their text answers and plans, their
+    retrievals' candidate images (only those: not the passages) and their stored HTML pages (None when
+    the object is missing)."""
+
+    outputs: dict[uuid.UUID, StageOutputs]
+    candidates: dict[uuid.UUID, list[CandidateImage]]
+    pages: dict[str, bytes | None]
+
+
+def batch_inputs(batch, store: ObjectStore, pool: ThreadPoolExecutor) -> BatchInputs:
+    ids = [query.id for query, _ in batch]
+    with session_scope() as session:
+        candidates = {
+            query_id: CANDIDATES.validate_python(found or [])
+            for query_id, found in session.execute(
+                select(StageRun.query_id, StageRun.output["candidates"]).where(
+                    StageRun.query_id.in_(ids), StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded"
+                )
+            )
+        }
+
+    def fetch(key: str) -> bytes | None:
+        try:
+            return store.get(key)
+        except ObjectMissing:
+            return None
+
+    keys = sorted({answer.html_key for _, answer in batch if answer is not None and answer.html_key})
+    return BatchInputs(
+        outputs=outputs_of_queries(ids, [Stage.GENERATOR, Stage.INSERTER]),
+        candidates=candidates,
+        pages=dict(zip(keys, pool.map(fetch, keys), strict=True)),
+    )
+
+
 def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None = None) -> ExportResult:
+    """Write the job's files. The questions stream in file order, `EXPORT_BATCH` at a time (a
+    server-side cursor), and each is written as it comes; only the file names (all of them first, so
+    that no image takes a question's) and the index's rows are kept until the end."""
     job_id = parse_job_id(job_id)
     status = job_status(job_id, detail=False)
     store = store or get_store()
@@ -141,67 +188,81 @@ def export_job(job_id: str | uuid.UUID, out_dir: Path, store: ObjectStore | None
         raise ValueError(f"{out_dir} is a file, not a folder: give --out a folder (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out_dir=out_dir, index=out_dir / "index.html")
+    order = (Query.line.nulls_last(), Query.created_at, Query.id)
+    taken: set[str] = {"index"}
     with session_scope() as session:
-        rows = session.execute(
+        ids = session.scalars(select(Query.external_id).where(Query.job_id == job_id).order_by(*order))
+        stems = [file_stem(external_id, taken) for external_id in ids]
+    places = ImagePlaces({"index.html"} | {f"{stem}.{ext}" for stem in stems for ext in ("md", "html", "json")})
+    rows = []
+    with session_scope() as session:
+        stream = session.execute(
             select(Query, Answer)
             .outerjoin(Answer, Answer.query_id == Query.id)
             .where(Query.job_id == job_id)
-            .order_by(Query.line.nulls_last(), Query.created_at)
-        ).all()
-    outputs = outputs_of_job(job_id, [Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER])
-    retrievals = {query_id: out.retrieval for query_id, out in outputs.items() if out.retrieval is not None}
-    taken: set[str] = {"index"}
-    stems = [file_stem(query.external_id, taken) for query, _ in rows]
-    places = ImagePlaces({"index.html"} | {f"{stem}.{ext}" for stem in stems for ext in ("md", "html", "json")})
-    entries = []
-    for stem, (query, answer) in zip(stems, rows, strict=True):
-        blocks = export_blocks(answer.blocks) if answer else []
-        status_text = "succeeded" if answer else query.status
-        record = {
-            "id": query.external_id,
-            "question": query.question,
-            "status": status_text,
-            "blocks": blocks,
-            **answer_record(outputs.get(query.id)),
-            "error": None if answer else query.described_error,
-        }
-        (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
-        candidates = retrievals[query.id].candidates if query.id in retrievals else []
-        if answer:
-            result.answered += 1
-            page = None
-            if answer.html_key:
-                try:
-                    page = store.get(answer.html_key).decode("utf-8")
-                except ObjectMissing:
-                    result.warnings.append(
-                        f"{query.external_id}: the stored HTML {answer.html_key} is missing; re-rendered"
-                    )
-            if page is None:
-                page, warnings = to_html(
-                    query.question, [AnswerBlock.model_validate(b) for b in answer.blocks], candidates, store
-                )
-                result.warnings += [f"{query.external_id}: {w}" for w in warnings]
-            result.images_written += write_images(blocks, candidates, store, out_dir, places, result)
-            body = to_markdown([AnswerBlock.model_validate(b) for b in answer.blocks], places.of.get)
-            markdown = f"# {heading(query.question)}\n\n{body}"
-        else:
-            reason = query.described_error or f"no answer yet ({query.status})"
-            markdown = f"# {heading(query.question)}\n\n**No answer** ({query.status}): {markdown_text(reason)}\n"
-            page = (
-                "<!doctype html><html><head><meta charset='utf-8'>"
-                f"<title>{html.escape(query.question or query.external_id)}</title></head><body>"
-                f"<h1>{html.escape(query.question or query.external_id)}</h1>"
-                f"<p class='error'><strong>No answer</strong> ({html.escape(query.status)}): {html.escape(reason)}</p>"
-                "</body></html>"
-            )
-        (out_dir / f"{stem}.md").write_text(markdown, encoding="utf-8")
-        (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
-        images = sum(1 for b in blocks if b["type"] == "image")
-        entries.append((stem, query, status_text, images))
-        result.questions += 1
-    result.index.write_text(index_page(status, entries), encoding="utf-8")
+            .order_by(*order)
+            .execution_options(yield_per=EXPORT_BATCH)
+        )
+        with ThreadPoolExecutor(FETCHERS) as pool:
+            for batch in stream.partitions():
+                inputs = batch_inputs(batch, store, pool)
+                for query, answer in batch:
+                    stem = stems[result.questions]
+                    images = export_question(stem, query, answer, inputs, store, places, result)
+                    rows.append(index_row(stem, query, "succeeded" if answer else query.status, images))
+                    result.questions += 1
+    result.index.write_text(index_head(status) + "".join(rows) + INDEX_TAIL, encoding="utf-8")
     return result
+
+
+def export_question(stem: str, query: Query, answer: Answer | None, inputs: BatchInputs, store, places, result) -> int:
+    """One question's `.json`, `.md` and `.html` (and the images its answer shows); how many images it shows."""
+    out_dir = result.out_dir
+    outputs = inputs.outputs.get(query.id)
+    blocks = export_blocks(answer.blocks) if answer else []
+    status_text = "succeeded" if answer else query.status
+    record = {
+        "id": query.external_id,
+        "question": query.question,
+        "status": status_text,
+        "blocks": blocks,
+        **answer_record(outputs),
+        "error": None if answer else query.described_error,
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    candidates = inputs.candidates.get(query.id, [])
+    if answer:
+        result.answered += 1
+        page = None
+        if answer.html_key:
+            stored = inputs.pages.get(answer.html_key)
+            if stored is not None:
+                page = stored.decode("utf-8")
+            else:
+                result.warnings.append(
+                    f"{query.external_id}: the stored HTML {answer.html_key} is missing; re-rendered"
+                )
+        if page is None:
+            page, warnings = to_html(
+                query.question, [AnswerBlock.model_validate(b) for b in answer.blocks], candidates, store
+            )
+            result.warnings += [f"{query.external_id}: {w}" for w in warnings]
+        result.images_written += write_images(blocks, candidates, store, out_dir, places, result)
+        body = to_markdown([AnswerBlock.model_validate(b) for b in answer.blocks], places.of.get)
+        markdown = f"# {heading(query.question)}\n\n{body}"
+    else:
+        reason = query.described_error or f"no answer yet ({query.status})"
+        markdown = f"# {heading(query.question)}\n\n**No answer** ({query.status}): {markdown_text(reason)}\n"
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(query.question or query.external_id)}</title></head><body>"
+            f"<h1>{html.escape(query.question or query.external_id)}</h1>"
+            f"<p class='error'><strong>No answer</strong> ({html.escape(query.status)}): {html.escape(reason)}</p>"
+            "</body></html>"
+        )
+    (out_dir / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+    return sum(1 for b in blocks if b["type"] == "image")
 
 
 def heading(question: str) -> str:
@@ -235,16 +296,17 @@ def write_images(blocks, candidates, store, out_dir: Path, places: ImagePlaces, 
     return count
 
 
-def index_page(status, entries) -> str:
-    rows = []
-    for stem, query, state, images in entries:
-        error = html.escape(query.described_error or "") if state != "succeeded" else ""
-        rows.append(
-            f"<tr class='{html.escape(state)}'><td>{html.escape(query.external_id)}</td>"
-            f"<td><a href='{stem}.html'>{html.escape(query.question[:200] or '(no question)')}</a></td>"
-            f"<td>{html.escape(state)}</td><td>{images}</td>"
-            f"<td><a href='{stem}.md'>md</a> · <a href='{stem}.json'>json</a></td><td>{error}</td></tr>"
-        )
+def index_row(stem: str, query: Query, state: str, images: int) -> str:
+    error = html.escape(query.described_error or "") if state != "succeeded" else ""
+    return (
+        f"<tr class='{html.escape(state)}'><td>{html.escape(query.external_id)}</td>"
+        f"<td><a href='{stem}.html'>{html.escape(query.question[:200] or '(no question)')}</a></td>"
+        f"<td>{html.escape(state)}</td><td>{images}</td>"
+        f"<td><a href='{stem}.md'>md</a> · <a href='{stem}.json'>json</a></td><td>{error}</td></tr>"
+    )
+
+
+def index_head(status) -> str:
     title = html.escape(f"m2io job {status.name or status.id}")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
@@ -254,6 +316,7 @@ def index_page(status, entries) -> str:
         f"<h1>{title}</h1><p>job {status.id} · collection {html.escape(status.collection or '?')} · "
         f"{status.state} · {status.counts.get('succeeded', 0)} of {status.total} answered</p>"
         "<table><tr><th>id</th><th>question</th><th>status</th><th>images</th><th>files</th><th>error</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
     )
+
+
+INDEX_TAIL = "</table></body></html>"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,19 +134,17 @@ def parse_question(record: Any, line: int) -> QuestionLine:
     return QuestionLine(external_id, question, line, gold, collection)
 
 
-def parse_lines(lines: Iterable[bytes | str]) -> list[QuestionLine]:
-    """Every non-blank line, numbered from 1; duplicate ids after the first are errors."""
-    parsed: list[QuestionLine] = []
+def iter_lines(lines: Iterable[bytes | str]) -> Iterator[QuestionLine]:
+    """Every non-blank line as it is read, numbered from 1; duplicate ids after the first are errors.
+    Only the ids seen are kept: a file of any length streams through."""
     seen: set[str] = set()
     for number, raw in enumerate(lines, start=1):
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                parsed.append(
-                    QuestionLine(
-                        f"line-{number}", "", number, error=f"line {number}: invalid UTF-8 at byte {error.start}"
-                    )
+                yield QuestionLine(
+                    f"line-{number}", "", number, error=f"line {number}: invalid UTF-8 at byte {error.start}"
                 )
                 continue
         if not raw.strip():
@@ -164,20 +162,38 @@ def parse_lines(lines: Iterable[bytes | str]) -> list[QuestionLine]:
             entry.error = entry.error or f"line {number}: duplicate id {entry.external_id!r}"
             entry.external_id = f"{entry.external_id}#line-{number}"
         seen.add(entry.external_id)
-        parsed.append(entry)
-    return parsed
+        yield entry
+
+
+def parse_lines(lines: Iterable[bytes | str]) -> list[QuestionLine]:
+    """Every non-blank line, numbered from 1; duplicate ids after the first are errors."""
+    return list(iter_lines(lines))
+
+
+def stream_questions(path: Path) -> Iterator[QuestionLine]:
+    """A questions file line by line, for `submit_job` to store in batches: the file is opened now
+    (FileNotFoundError / IsADirectoryError at once, before anything is stored), and a ValueError ends
+    the stream if it held no question (the submission's transaction then stores nothing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the questions .jsonl file")
+    handle = path.open("rb")
+
+    def read() -> Iterator[QuestionLine]:
+        with handle:
+            count = 0
+            for entry in iter_lines(handle):
+                count += 1
+                yield entry
+        if not count:
+            raise ValueError(f"{path} holds no questions")
+
+    return read()
 
 
 def read_questions(path: Path) -> list[QuestionLine]:
     """A questions file; FileNotFoundError / IsADirectoryError / ValueError (empty file) for the caller to report."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the questions .jsonl file")
-    with path.open("rb") as handle:
-        questions = parse_lines(handle)
-    if not questions:
-        raise ValueError(f"{path} holds no questions")
-    return questions
+    return list(stream_questions(path))
 
 
 def from_records(records: Iterable[dict[str, Any]]) -> list[QuestionLine]:
