@@ -238,6 +238,7 @@ def test_submit_refuses_what_cannot_run(servers, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ingests all 122 recipes: every unit and image text is embedded too (~2x the words)
 def test_demo_answers_the_shipped_corpus(workers, tmp_path):
     """`m2io demo` (without starting a cluster: the test's servers and workers are the cluster)."""
     start_pipeline(workers)
