@@ -106,7 +106,9 @@ class Workers:
     started: list[WorkerProcess] = field(default_factory=list)
     count: int = 0
 
-    def start(self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None) -> WorkerProcess:
+    def start(
+        self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None, wait: bool = True
+    ) -> WorkerProcess:
         self.count += 1
         name = f"{stage}-{self.count}@test"
         log = self.servers.state_dir / "logs" / f"test-worker-{stage}-{self.count}.log"
@@ -126,7 +128,8 @@ class Workers:
             )
         worker = WorkerProcess(stage=stage, process=process, log=log, name=name)
         self.started.append(worker)
-        self.wait_ready(worker)
+        if wait:
+            self.wait_ready(worker)
         return worker
 
     def wait_ready(self, worker: WorkerProcess, timeout: float = 60.0) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from infra.processes import require_free_ports, spawn
 from infra.servers.base import REPO_ROOT, ClusterError, ClusterState, Echo, Health, Server
 from infra.servers.redis import broker_url
-from services.common.health import online_workers, workers_of
+from services.common.health import WorkerWarmth, online_workers, worker_warmth, workers_of
 from services.common.queues import Stage
 from services.common.settings import LOOPBACK_HOSTS
 
@@ -53,14 +53,25 @@ class Workers(Server):
         online, error = online_workers(redis_url)
         if error:
             print(f"warning: cannot ping workers through {redis_url}: {error}", file=sys.stderr)
-        return [self.state.row(self.name_of(stage), lambda stage=stage: answers(stage, online)) for stage in Stage]
+        warmth = worker_warmth(redis_url) or {}
+        return [
+            self.state.row(self.name_of(stage), lambda stage=stage: answers(stage, online, warmth)) for stage in Stage
+        ]
 
 
-def answers(stage: Stage, online: set[str]) -> tuple[str, str]:
+def answers(stage: Stage, online: set[str], warmth: dict[str, WorkerWarmth]) -> tuple[str, str]:
+    """`ready` once it answers ping and every process of it is warm (services/common/warmup.py); `warming`
+    while they load their models, `starting` before (its heartbeat runs, no ping answer or record yet)."""
     answered = workers_of(stage, online)
-    if answered:
-        return "healthy", f"queue {stage.queue}; answers ping as {answered[0]}"
-    return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
+    if not answered:
+        if workers_of(stage, set(warmth)):
+            return "starting", f"queue {stage.queue}; its heartbeat runs, no answer to ping yet"
+        return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
+    found = warmth.get(answered[0])
+    if found is None:
+        return "starting", f"queue {stage.queue}; answers ping as {answered[0]}, no warm-up record yet"
+    state = "unhealthy" if found.state == "failed" else found.state
+    return state, f"queue {stage.queue}; {answered[0]}: {found.state}, {found.describe()}"
 
 
 class Dashboard(Server):

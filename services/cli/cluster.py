@@ -13,7 +13,16 @@ from services.cli.ui import console, fail, local_cluster
 from services.common.queues import Stage
 from services.common.settings import get_settings, load_settings
 
-HEALTH_STYLE = {"healthy": "green", "external": "cyan", "unhealthy": "yellow", "dead": "red", "absent": "dim"}
+HEALTH_STYLE = {
+    "healthy": "green",
+    "ready": "green",
+    "external": "cyan",
+    "starting": "yellow",
+    "warming": "yellow",
+    "unhealthy": "yellow",
+    "dead": "red",
+    "absent": "dim",
+}
 
 
 def up(
