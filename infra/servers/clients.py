@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -18,11 +19,19 @@ DASHBOARD_APP = REPO_ROOT / "dashboard" / "app.py"
 
 class Workers(Server):
     """One worker per stage, `worker-<stage>`, consuming the stage's queue. `down` stops them with
-    SIGTERM: a warm shutdown (they finish the task in hand; acks_late re-queues it if we must kill)."""
+    SIGTERM: a warm shutdown (they finish the task in hand; acks_late re-queues it if we must kill).
+    Each gets `torch_threads` (M2IO_TORCH_THREADS) unless the environment or cluster.env sets it."""
 
-    def __init__(self, state: ClusterState, argv: Callable[[Stage], list[str]]):
+    def __init__(self, state: ClusterState, argv: Callable[[Stage], list[str]], torch_threads: int | None = None):
         super().__init__(state)
         self.argv = argv  # a stage's worker command line
+        self.torch_threads = torch_threads
+
+    def process_env(self, env: dict[str, str]) -> dict[str, str]:
+        process_env = self.state.process_env(env)
+        if self.torch_threads and "M2IO_TORCH_THREADS" not in os.environ and "M2IO_TORCH_THREADS" not in env:
+            process_env["M2IO_TORCH_THREADS"] = str(self.torch_threads)
+        return process_env
 
     @staticmethod
     def name_of(stage: Stage) -> str:
@@ -36,16 +45,22 @@ class Workers(Server):
             name = self.name_of(stage)
             if self.state.table.live(name):
                 continue
+            argv, process_env = self.argv(stage), self.process_env(env)
             record = spawn(
                 self.state.table,
                 name,
-                self.argv(stage),
+                argv,
                 self.state.logs / f"{name}.log",
-                env=self.state.process_env(env),
+                env=process_env,
                 cwd=REPO_ROOT,
                 extra={"queue": stage.queue},
             )
-            echo(f"worker {stage.value}: started (pid {record.pid}, queue {stage.queue})")
+            processes = argv[argv.index("--concurrency") + 1] if "--concurrency" in argv else "?"
+            threads = process_env.get("M2IO_TORCH_THREADS", "torch's default")
+            echo(
+                f"worker {stage.value}: started (pid {record.pid}, queue {stage.queue}, "
+                f"{processes} process(es), torch threads {threads})"
+            )
         return {}
 
     def probe(self, env: dict[str, str]) -> list[Health]:

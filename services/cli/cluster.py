@@ -26,7 +26,12 @@ HEALTH_STYLE = {
 
 
 def up(
-    concurrency: Annotated[int, typer.Option(help="worker processes per stage")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="worker processes of each answer stage (default: M2IO_WORKER_CONCURRENCY, else from the cores)", min=1
+        ),
+    ] = None,
     dashboard: Annotated[bool, typer.Option(help="start the dashboard too")] = True,
 ) -> None:
     """Start the local cluster: PostgreSQL+pgvector, Redis, S3, migrations, one worker per stage."""
