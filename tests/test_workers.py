@@ -163,9 +163,9 @@ def test_pool_process_killed_mid_task_is_requeued_at_once(workers):
     assert children, "prefork pool has a child process"
     for child in children:
         os.kill(child.pid, signal.SIGKILL)
-    succeeded = wait_for(
+    succeeded = wait_for(  # by the pool process that replaces the killed one, once it has warmed up
         lambda: runs_by_status(probe.query_id, Stage.RETRIEVER).get("succeeded"),
-        30,
+        120,
         "the requeued task to complete",
     )
     runs = runs_by_status(probe.query_id, Stage.RETRIEVER)
