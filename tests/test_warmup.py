@@ -15,7 +15,7 @@ import redis
 from infra.servers.clients import answers
 from services.common import warmup
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL, Embedder
-from services.common.health import online_workers, warmup_key, worker_warmth
+from services.common.health import WorkerWarmth, online_workers, warmup_key, worker_warmth
 from services.common.queues import Stage
 from services.common.settings import get_settings
 from tests.test_job_faults import ingest_fault_corpus, query_ids, submit
@@ -104,3 +104,16 @@ def _pids(warmth) -> set[int]:
 def _ready(redis_url: str, name: str):
     found = (worker_warmth(redis_url) or {}).get(name)
     return found if found is not None and found.state == "ready" else None
+
+
+@pytest.mark.unit
+def test_a_workers_state_from_its_processes_records():
+    ready = {"state": "ready", "seconds": 2.5, "late_loads": 0}
+    assert WorkerWarmth("w", processes=2).state == "starting"
+    assert WorkerWarmth("w", 2, ({"state": "warming"},)).state == "warming"
+    assert WorkerWarmth("w", 2, (ready, {"state": "warming"})).state == "warming"
+    both = WorkerWarmth("w", 2, (ready, {**ready, "seconds": 4.0, "late_loads": 1}))
+    assert both.state == "ready" and both.seconds == 4.0
+    assert both.describe() == "2/2 processes warm, warm-up 4.0 s, 1 model load(s) after warm-up"
+    failed = WorkerWarmth("w", 2, (ready, {"state": "failed", "seconds": 0.1, "error": "EmbeddingModelError: no"}))
+    assert failed.state == "failed" and failed.describe().endswith("; EmbeddingModelError: no")
