@@ -87,6 +87,12 @@ def test_a_replaced_pool_process_warms_up_and_a_model_loaded_late_is_reported(wo
     )
     assert _pids(replaced) == {child.pid for child in worker.children()}
 
+    # Redis loses the records (restarted after their TTL, without its data): each process writes its own again.
+    incarnations = [key.decode().rsplit(":", 1)[1] for key in redis.Redis.from_url(redis_url).keys("m2io:warmup:*")]
+    redis.Redis.from_url(redis_url).delete(*[warmup_key(incarnation) for incarnation in incarnations])
+    assert (worker_warmth(redis_url) or {})[worker.name].state == "starting"
+    wait_for(lambda: _ready(redis_url, worker.name), 30, "the merger ready again")
+
     # In this process: a warm-up that loads nothing, then a model loaded anyway.
     warmth = warmup.warm_up_process([Stage.MERGER], "test-late-load", 30_000)
     assert warmth.state == "ready" and warmth.models == []

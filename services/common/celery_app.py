@@ -314,7 +314,7 @@ def prepare_process(**_) -> None:
     limit_torch_threads()
     drop_inherited_connections()
     if LIFE is not None:
-        warmup.warm_up_process(LIFE.stages, LIFE.incarnation, LIFE.ttl_ms())
+        warmup.warm_up_process(LIFE.stages, LIFE.incarnation, LIFE.ttl_ms(), LIFE.settings.worker_heartbeat_s)
 
 
 def limit_torch_threads() -> None:

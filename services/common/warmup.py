@@ -11,8 +11,9 @@ within `worker_proc_alive_timeout` (Celery's default, 4 s, is shorter than a mod
 machine): celery_app sets it from `worker_warm_up_timeout_s`.
 
 The record: a Redis hash per worker incarnation, `m2io:warmup:<incarnation>` (services/common/health.py),
-one field per process (its pid), a JSON `ProcessWarmth`. The worker's heartbeat thread keeps the hash's TTL
-with its heartbeat and drops the fields of pool processes that exited (a replaced child warms up anew).
+one field per process (its pid), a JSON `ProcessWarmth`, written again by a thread of that process at every
+heartbeat with the heartbeat's TTL (so that it comes back after Redis lost it, restarted); the worker's
+heartbeat thread drops the fields of pool processes that exited (a replaced child warms up anew).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -92,6 +94,16 @@ class WarmthRecord:
         except redis.RedisError as error:
             log.warning("warm-up records of exited processes not dropped: %s", error)
 
+    def keep(self, warmth: ProcessWarmth, interval_s: float) -> None:
+        """Write `warmth` every `interval_s`, from a thread of this process, as long as it lives."""
+
+        def again() -> None:
+            while True:
+                time.sleep(interval_s)
+                self.write(warmth)
+
+        threading.Thread(target=again, name="m2io-warmth", daemon=True).start()
+
     def write(self, warmth: ProcessWarmth) -> None:
         try:
             with self.client.pipeline() as pipe:
@@ -120,13 +132,16 @@ def total_loads() -> int:
     return sum(LOADS.values())
 
 
-def warm_up_process(stages: list[Stage], incarnation: str, ttl_ms: int) -> ProcessWarmth:
-    """Load what `WARM_UP` names for `stages` in this process, recording `warming`, then `ready`/`failed`."""
+def warm_up_process(stages: list[Stage], incarnation: str, ttl_ms: int, beat_s: float | None = None) -> ProcessWarmth:
+    """Load what `WARM_UP` names for `stages` in this process, recording `warming`, then `ready`/`failed`
+    (and again every `beat_s` seconds, when given)."""
     global PROCESS
     warmth = ProcessWarmth(stage=",".join(stage.value for stage in stages))
     record = WarmthRecord(get_settings(), incarnation, ttl_ms)
     record.drop_gone()
     record.write(warmth)
+    if beat_s:
+        record.keep(warmth, beat_s)
     loaders = list(dict.fromkeys(loader for stage in stages for loader in WARM_UP.get(stage, ())))
     started = time.perf_counter()
     try:

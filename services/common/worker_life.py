@@ -1,5 +1,5 @@
-"""A worker's life in Redis: its heartbeat (a key with a short TTL, refreshed by a thread), and the TTL of its
-pool processes' warm-up records (services/common/warmup.py), which go with it."""
+"""A worker's life in Redis: its heartbeat (a key with a short TTL, refreshed by a thread), and the warm-up
+records of its pool processes (services/common/warmup.py), of which it drops those of exited processes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ class WorkerLife:
             log.warning("heartbeat of %s not removed: %s", self.name, error)
 
     def keep_warmth(self, client: redis.Redis) -> None:
-        """The pool processes' warm-up records live as long as the heartbeat; those of exited processes go."""
+        """The pool processes' warm-up records (each rewritten by its process) go with the heartbeat; those of
+        exited processes go at once."""
         import psutil
 
         key = warmup_key(self.incarnation)
