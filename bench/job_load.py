@@ -542,8 +542,8 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads",
         type=int,
-        help="torch threads per worker process (M2IO_TORCH_THREADS) "
-        "and in the in-process run; default: torch's own (one per core)",
+        help="torch threads per worker process (M2IO_TORCH_THREADS) and in the in-process run; default: the "
+        "workers get what `m2io up` plans (infra/sizing.py: 1), the in-process run torch's own (one per core)",
     )
     parser.add_argument("--suffix", default="", help="appended to the run keys, e.g. t1")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,8 @@ from infra.servers.clients import Dashboard, Workers
 from infra.servers.postgres import Postgres
 from infra.servers.redis import Redis
 from infra.servers.s3 import S3
-from services.common.queues import Stage
+from infra.sizing import WorkerPlan, machine_cores, plan_workers
+from services.common.queues import PIPELINE, Stage
 from services.common.settings import CLUSTER_ENV_FILE, Settings
 
 __all__ = ["ClusterError", "Health", "LocalCluster"]
@@ -46,18 +47,21 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
 
 
 class LocalCluster:
-    def __init__(self, settings: Settings, *, worker_concurrency: int = 1, start_dashboard: bool = True):
+    def __init__(self, settings: Settings, *, worker_concurrency: int | None = None, start_dashboard: bool = True):
+        """`worker_concurrency`: processes of every answer stage's worker; None: M2IO_WORKER_CONCURRENCY, else
+        `plan` (from the machine's cores, infra/sizing.py)."""
         self.settings = settings
         self.state = ClusterState(settings)
         self.state_dir = self.state.dir
         self.table = self.state.table
         self.env_file = self.state_dir / CLUSTER_ENV_FILE
-        self.worker_concurrency = worker_concurrency
+        self.worker_concurrency = worker_concurrency or settings.worker_concurrency
+        self.plan: WorkerPlan = plan_workers(machine_cores())
         self.postgres = Postgres(self.state)
         self.redis = Redis(self.state)
         self.s3 = S3(self.state)
         # Late-bound: bench/job_load.py replaces `worker_argv` to give stages their own process counts.
-        self.workers = Workers(self.state, lambda stage: self.worker_argv(stage))
+        self.workers = Workers(self.state, lambda stage: self.worker_argv(stage), self.plan.torch_threads)
         self.dashboard = Dashboard(self.state, start=start_dashboard)
         # In the order `up` starts them; `down` stops the clients first, then the servers backwards.
         self.servers: list[Server] = [self.postgres, self.redis, self.s3]
@@ -115,7 +119,14 @@ class LocalCluster:
     def worker_argv(self, stage: Stage) -> list[str]:
         from services.common.celery_app import worker_argv
 
-        return worker_argv(stage.queue, f"{stage.value}@%h", self.worker_concurrency)
+        return worker_argv(stage.queue, f"{stage.value}@%h", self.processes_of(stage))
+
+    def processes_of(self, stage: Stage) -> int:
+        """`worker_concurrency` is for the answer stages: the trainer keeps the plan's one process (a training
+        run uses every core by itself)."""
+        if self.worker_concurrency and stage in PIPELINE:
+            return self.worker_concurrency
+        return self.plan.processes[stage]
 
     # ---------------------------------------------------------------- kept for their callers
     def ensure_postgres(self, env: dict[str, str], echo: Echo) -> dict[str, str]:

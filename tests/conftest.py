@@ -106,7 +106,9 @@ class Workers:
     started: list[WorkerProcess] = field(default_factory=list)
     count: int = 0
 
-    def start(self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None) -> WorkerProcess:
+    def start(
+        self, stage: str, *, concurrency: int = 1, extra_env: dict[str, str] | None = None, wait: bool = True
+    ) -> WorkerProcess:
         self.count += 1
         name = f"{stage}-{self.count}@test"
         log = self.servers.state_dir / "logs" / f"test-worker-{stage}-{self.count}.log"
@@ -126,20 +128,35 @@ class Workers:
             )
         worker = WorkerProcess(stage=stage, process=process, log=log, name=name)
         self.started.append(worker)
-        self.wait_ready(worker)
+        if wait:
+            self.wait_ready(worker)
         return worker
 
-    def wait_ready(self, worker: WorkerProcess, timeout: float = 60.0) -> None:
+    def wait_ready(self, worker: WorkerProcess, timeout: float = 60.0, warm_timeout: float = 180.0) -> None:
+        """Until the worker answers ping and every process of it has loaded its models (ready, as `m2io ps`
+        says): a test's first task then runs at once, not after a model load on a busy machine."""
         from services.common.celery_app import app
+        from services.common.health import worker_warmth
+        from services.common.settings import get_settings
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             if worker.process.poll() is not None:
                 raise RuntimeError(f"worker {worker.name} exited: {worker.log.read_text()[-3000:]}")
             replies = app.control.ping(destination=[worker.name], timeout=0.5) or []
             if any(worker.name in reply for reply in replies):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{worker.name} did not answer ping in {timeout}s: {worker.log.read_text()[-3000:]}")
+        deadline = time.monotonic() + warm_timeout
+        while True:
+            found = (worker_warmth(get_settings().redis_url) or {}).get(worker.name)
+            if found is not None and found.state in ("ready", "failed"):
                 return
-        raise RuntimeError(f"worker {worker.name} did not answer ping in {timeout}s: {worker.log.read_text()[-3000:]}")
+            if worker.process.poll() is not None or time.monotonic() > deadline:
+                log = worker.log.read_text()[-3000:]
+                raise RuntimeError(f"{worker.name} not warm after {warm_timeout}s ({found}): {log}")
+            time.sleep(0.1)
 
     def stop_all(self) -> None:
         for worker in self.started:

@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = [f"worker-{stage}" for stage in ("retriever", "generator", "inserter", "merger", "trainer")]
 SERVERS = ["postgres", "redis", "s3"]
 EVERYTHING = SERVERS + WORKERS
+# What `ps` says of each when it is up: a worker is `ready` once its processes loaded their models.
+UP_STATE = {**dict.fromkeys(SERVERS, "healthy"), **dict.fromkeys(WORKERS, "ready")}
 S3_PORT_SPAN = 15  # SeaweedFS uses the S3 port and +1..+4, +10..+14
 
 UP = ("up", "--no-dashboard", "--concurrency", "1")
@@ -135,13 +137,13 @@ class Cluster:
             raise AssertionError(f"ps --json printed no JSON:\n{result.stdout}\n{result.stderr}") from error
         return result.returncode, {row["name"]: row for row in rows}
 
-    def wait_until_healthy(self, timeout: float = 60) -> dict[str, dict]:
-        """Poll `ps --json` until postgres, redis, s3 and every worker are healthy (workers need a
-        few seconds before they answer ping)."""
+    def wait_until_healthy(self, timeout: float = 120) -> dict[str, dict]:
+        """Poll `ps --json` until postgres, redis, s3 are healthy and every worker is ready (workers need
+        a few seconds before they answer ping, and more to load their models)."""
         deadline = time.monotonic() + timeout
         while True:
             code, rows = self.ps()
-            if code == 0 and all(rows.get(name, {}).get("state") == "healthy" for name in EVERYTHING):
+            if code == 0 and all(rows.get(name, {}).get("state") == UP_STATE[name] for name in EVERYTHING):
                 return rows
             if time.monotonic() > deadline:
                 states = {name: (row["state"], row["detail"]) for name, row in rows.items()}
@@ -312,7 +314,10 @@ def test_one_class_per_server_in_start_order(tmp_path: Path, monkeypatch: pytest
 def test_up_starts_everything(cluster: Cluster) -> None:
     result = cluster.m2io(*UP)
     assert_ok(result, cluster)
-    rows = cluster.wait_until_healthy(timeout=60)
+    rows = cluster.wait_until_healthy()
+    # Sized from the cores (infra/sizing.py), `--concurrency 1` given: one process per stage, torch 1 thread.
+    assert "1 process(es), torch threads 1" in result.stdout, result.stdout
+    assert "1/1 processes warm, warm-up" in rows["worker-retriever"]["detail"], rows["worker-retriever"]
     for name in EVERYTHING:
         assert isinstance(rows[name]["pid"], int), rows[name]
         assert _process(rows[name]["pid"], cluster.record(name)["create_time"]), f"{name} does not run"
@@ -352,7 +357,7 @@ def test_killed_worker_is_dead_then_restarted_alone(cluster: Cluster) -> None:
     assert code == 1
     assert rows["worker-merger"]["state"] == "dead", rows["worker-merger"]
     assert rows["worker-merger"]["pid"] == record["pid"]
-    assert all(rows[name]["state"] == "healthy" for name in EVERYTHING if name != "worker-merger"), rows
+    assert all(rows[name]["state"] == UP_STATE[name] for name in EVERYTHING if name != "worker-merger"), rows
 
     assert_ok(cluster.m2io(*UP), cluster)
     after = cluster.pids(cluster.wait_until_healthy())

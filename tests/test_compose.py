@@ -331,3 +331,27 @@ def test_redis_requires_its_password():
     with pytest.raises(ValidationError, match="placeholder"):
         Settings(redis_url="redis://:changeme@redis:6379/0")
     assert Settings(redis_url=f"redis://:{password}@redis:6379/0").redis_url.endswith("@redis:6379/0")
+
+
+def test_worker_sizes_come_from_the_environment_with_the_small_machine_defaults():
+    """Each worker's processes come from `<STAGE>_CONCURRENCY` and every worker's torch threads from
+    M2IO_TORCH_THREADS, defaulting to what `m2io up` plans for 2 cores (infra/sizing.py)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from infra.sizing import plan_workers
+    from services.common.queues import Stage
+
+    plan = plan_workers(2)
+    text = COMPOSE_FILE.read_text()
+    workers = worker_services(rendered())
+    for stage in Stage:
+        assert f'"${{{stage.value.upper()}_CONCURRENCY:-{plan.processes[stage]}}}"' in text, stage
+        command = workers[stage.value]["command"]
+        assert command[command.index("--concurrency") + 1] == str(plan.processes[stage]), stage
+        assert workers[stage.value]["environment"]["M2IO_TORCH_THREADS"] == str(plan.torch_threads), stage
+    result = run_compose(
+        "config", "--format", "json", env=compose_env(RETRIEVER_CONCURRENCY="3", M2IO_TORCH_THREADS="2")
+    )
+    assert result.returncode == 0, result.stderr
+    retriever = json.loads(result.stdout)["services"]["retriever"]
+    assert retriever["command"][retriever["command"].index("--concurrency") + 1] == "3"
+    assert retriever["environment"]["M2IO_TORCH_THREADS"] == "2"

@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from services.common.health import worker_warmth
+from services.common.settings import get_settings
+from tests.test_workers import wait_for
+
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
 
@@ -22,7 +26,9 @@ def _listening_on_loopback():
 
 @pytest.mark.slow
 def test_overview_shows_servers_workers_and_queues(workers):
-    workers.start("generator")
+    worker = workers.start("generator")
+    wait_for(lambda: (worker_warmth(get_settings().redis_url) or {}).get(worker.name, None), 120, "a warm-up record")
+    wait_for(lambda: worker_warmth(get_settings().redis_url)[worker.name].state == "ready", 120, "a ready generator")
     app = AppTest.from_file(APP, default_timeout=30).run()
     assert not app.exception
     metrics = {metric.label: metric.value for metric in app.metric}
@@ -31,6 +37,8 @@ def test_overview_shows_servers_workers_and_queues(workers):
     by_stage = {row["stage"]: row for row in table.to_dict("records")}
     assert set(by_stage) == {"retriever", "generator", "inserter", "merger", "trainer"}
     assert by_stage["generator"]["workers online"] == 1
+    assert by_stage["generator"]["workers ready"] == 1 and by_stage["generator"]["warm-up s"] > 0
+    assert by_stage["generator"]["workers"] == f"{worker.name} (ready)"
     assert by_stage["retriever"]["workers online"] == 0
     assert "retriever" in app.warning[0].value
 

@@ -1,4 +1,4 @@
-"""Overview: servers, workers per queue (Celery ping), queue depths, tasks in flight, last hour's throughput."""
+"""Overview: servers, workers per queue (ping, warm-up), queue depths, tasks in flight, last hour's throughput."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import streamlit as st
 from sqlalchemy import func, select
 
 from services.common.db import session_scope
-from services.common.health import online_workers, probe_postgres, probe_redis, probe_s3, queue_depths, workers_of
+from services.common.health import (
+    online_workers,
+    probe_postgres,
+    probe_redis,
+    probe_s3,
+    queue_depths,
+    worker_warmth,
+    workers_of,
+)
 from services.common.models import StageRun
 from services.common.queues import Stage
 from services.common.stage_runs import now
@@ -68,19 +76,25 @@ def render(settings) -> None:
     if broker_error:
         st.error(f"Cannot reach the workers through Redis: {broker_error}")
     depths = queue_depths(settings.redis_url)
+    warmth = worker_warmth(settings.redis_url) or {}
     running, waiting = in_flight()
     rows = []
     for stage in Stage:
         names = workers_of(stage, online)
+        # A worker takes messages once ready: its processes loaded their models (services/common/warmup.py).
+        states = {name: warmth[name].state if name in warmth else "starting" for name in names}
+        warm_up = [warmth[name].seconds for name in names if name in warmth and warmth[name].seconds is not None]
         rows.append(
             {
                 "stage": stage.value,
                 "queue": stage.queue,
                 "workers online": len(names),
+                "workers ready": sum(state == "ready" for state in states.values()),
+                "warm-up s": round(max(warm_up), 1) if warm_up else None,
                 "waiting messages": depths[stage.queue],
                 "in flight": running[stage.value] - waiting[stage.value],
                 "waiting for redelivery": waiting[stage.value],
-                "workers": ", ".join(names) or "none",
+                "workers": ", ".join(f"{name} ({state})" for name, state in states.items()) or "none",
             }
         )
     st.subheader("Workers and queues")

@@ -31,7 +31,7 @@ class Health:
     name: str
     pid: int | None
     port: int | None
-    state: str  # healthy | unhealthy | dead | external | absent
+    state: str  # healthy | unhealthy | dead | external | absent; a worker: starting | warming | ready
     detail: str = ""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from infra.processes import require_free_ports, spawn
 from infra.servers.base import REPO_ROOT, ClusterError, ClusterState, Echo, Health, Server
 from infra.servers.redis import broker_url
-from services.common.health import online_workers, workers_of
+from services.common.health import WorkerWarmth, online_workers, worker_warmth, workers_of
 from services.common.queues import Stage
 from services.common.settings import LOOPBACK_HOSTS
 
@@ -18,11 +19,19 @@ DASHBOARD_APP = REPO_ROOT / "dashboard" / "app.py"
 
 class Workers(Server):
     """One worker per stage, `worker-<stage>`, consuming the stage's queue. `down` stops them with
-    SIGTERM: a warm shutdown (they finish the task in hand; acks_late re-queues it if we must kill)."""
+    SIGTERM: a warm shutdown (they finish the task in hand; acks_late re-queues it if we must kill).
+    Each gets `torch_threads` (M2IO_TORCH_THREADS) unless the environment or cluster.env sets it."""
 
-    def __init__(self, state: ClusterState, argv: Callable[[Stage], list[str]]):
+    def __init__(self, state: ClusterState, argv: Callable[[Stage], list[str]], torch_threads: int | None = None):
         super().__init__(state)
         self.argv = argv  # a stage's worker command line
+        self.torch_threads = torch_threads
+
+    def process_env(self, env: dict[str, str]) -> dict[str, str]:
+        process_env = self.state.process_env(env)
+        if self.torch_threads and "M2IO_TORCH_THREADS" not in os.environ and "M2IO_TORCH_THREADS" not in env:
+            process_env["M2IO_TORCH_THREADS"] = str(self.torch_threads)
+        return process_env
 
     @staticmethod
     def name_of(stage: Stage) -> str:
@@ -36,16 +45,22 @@ class Workers(Server):
             name = self.name_of(stage)
             if self.state.table.live(name):
                 continue
+            argv, process_env = self.argv(stage), self.process_env(env)
             record = spawn(
                 self.state.table,
                 name,
-                self.argv(stage),
+                argv,
                 self.state.logs / f"{name}.log",
-                env=self.state.process_env(env),
+                env=process_env,
                 cwd=REPO_ROOT,
                 extra={"queue": stage.queue},
             )
-            echo(f"worker {stage.value}: started (pid {record.pid}, queue {stage.queue})")
+            processes = argv[argv.index("--concurrency") + 1] if "--concurrency" in argv else "?"
+            threads = process_env.get("M2IO_TORCH_THREADS", "torch's default")
+            echo(
+                f"worker {stage.value}: started (pid {record.pid}, queue {stage.queue}, "
+                f"{processes} process(es), torch threads {threads})"
+            )
         return {}
 
     def probe(self, env: dict[str, str]) -> list[Health]:
@@ -53,14 +68,25 @@ class Workers(Server):
         online, error = online_workers(redis_url)
         if error:
             print(f"warning: cannot ping workers through {redis_url}: {error}", file=sys.stderr)
-        return [self.state.row(self.name_of(stage), lambda stage=stage: answers(stage, online)) for stage in Stage]
+        warmth = worker_warmth(redis_url) or {}
+        return [
+            self.state.row(self.name_of(stage), lambda stage=stage: answers(stage, online, warmth)) for stage in Stage
+        ]
 
 
-def answers(stage: Stage, online: set[str]) -> tuple[str, str]:
+def answers(stage: Stage, online: set[str], warmth: dict[str, WorkerWarmth]) -> tuple[str, str]:
+    """`ready` once it answers ping and every process of it is warm (services/common/warmup.py); `warming`
+    while they load their models, `starting` before (its heartbeat runs, no ping answer or record yet)."""
     answered = workers_of(stage, online)
-    if answered:
-        return "healthy", f"queue {stage.queue}; answers ping as {answered[0]}"
-    return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
+    if not answered:
+        if workers_of(stage, set(warmth)):
+            return "starting", f"queue {stage.queue}; its heartbeat runs, no answer to ping yet"
+        return "unhealthy", f"queue {stage.queue}; no answer to ping (starting, or stuck)"
+    found = warmth.get(answered[0])
+    if found is None:
+        return "starting", f"queue {stage.queue}; answers ping as {answered[0]}, no warm-up record yet"
+    state = "unhealthy" if found.state == "failed" else found.state
+    return state, f"queue {stage.queue}; {answered[0]}: {found.state}, {found.describe()}"
 
 
 class Dashboard(Server):

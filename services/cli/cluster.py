@@ -13,11 +13,25 @@ from services.cli.ui import console, fail, local_cluster
 from services.common.queues import Stage
 from services.common.settings import get_settings, load_settings
 
-HEALTH_STYLE = {"healthy": "green", "external": "cyan", "unhealthy": "yellow", "dead": "red", "absent": "dim"}
+HEALTH_STYLE = {
+    "healthy": "green",
+    "ready": "green",
+    "external": "cyan",
+    "starting": "yellow",
+    "warming": "yellow",
+    "unhealthy": "yellow",
+    "dead": "red",
+    "absent": "dim",
+}
 
 
 def up(
-    concurrency: Annotated[int, typer.Option(help="worker processes per stage")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="worker processes of each answer stage (default: M2IO_WORKER_CONCURRENCY, else from the cores)", min=1
+        ),
+    ] = None,
     dashboard: Annotated[bool, typer.Option(help="start the dashboard too")] = True,
 ) -> None:
     """Start the local cluster: PostgreSQL+pgvector, Redis, S3, migrations, one worker per stage."""

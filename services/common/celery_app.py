@@ -18,23 +18,21 @@ import binascii
 import json
 import logging
 import os
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 
-import redis
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init, worker_shutdown
+from celery.signals import celeryd_init, task_postrun, worker_process_init, worker_shutdown
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
+from services.common import warmup
 from services.common.health import HELD_PREFIX, heartbeat_key
 from services.common.queues import Stage, task_routes
 from services.common.settings import Settings, get_settings
+from services.common.worker_life import WorkerLife
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +76,9 @@ def configure(app: Celery) -> None:
         task_reject_on_worker_lost=True,
         # One message at a time per process: a slow model task does not hold others hostage.
         worker_prefetch_multiplier=1,
+        # A pool process reports up only after its warm-up (services/common/warmup.py): Celery's 4 s before
+        # it kills one that has not is shorter than a model load on a busy small machine.
+        worker_proc_alive_timeout=settings.worker_warm_up_timeout_s,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -181,45 +182,6 @@ def dead_letter_raw(raw: bytes | str, queue: str, error: UndecodableMessage) -> 
 # ---------------------------------------------------------------------------------------------- heartbeats
 
 
-@dataclass
-class WorkerLife:
-    """This worker process's heartbeat: a key with a short TTL, refreshed by a thread (a task that holds
-    the main thread, as with the solo pool, does not stop it). `incarnation` tells a restarted worker of
-    the same name from the one that died; `since` (this host's clock) tells its attempts from theirs."""
-
-    name: str
-    settings: Settings
-    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
-    since: float = field(default_factory=time.time)
-    stopped: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def key(self) -> str:
-        return heartbeat_key(self.incarnation)
-
-    def value(self) -> str:
-        return json.dumps({"worker": self.name, "since": self.since, "pid": os.getpid()})
-
-    def ttl_ms(self) -> int:
-        return int(self.settings.worker_heartbeat_ttl_s * 1000)
-
-    def start(self) -> None:
-        threading.Thread(target=self.beat, name="m2io-heartbeat", daemon=True).start()
-
-    def beat(self) -> None:
-        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-        while not self.stopped.is_set():
-            try:
-                client.set(self.key, self.value(), px=self.ttl_ms())
-            except redis.RedisError as error:  # the broker is restarting: the next beat tries again
-                log.warning("heartbeat of %s not written: %s", self.name, error)
-            self.stopped.wait(self.settings.worker_heartbeat_s)
-        try:
-            client.delete(self.key)
-        except redis.RedisError as error:
-            log.warning("heartbeat of %s not removed: %s", self.name, error)
-
-
 LIFE: WorkerLife | None = None  # set in a worker's main process, before it consumes
 
 
@@ -233,7 +195,11 @@ def start_heartbeat(sender=None, conf=None, options=None, **_) -> None:
         queues = queues.split(",")
     if Stage.TRAINER.queue in queues and conf is not None:
         conf.broker_transport_options = transport_options(settings, trainer=True)
-    LIFE = WorkerLife(name=str(sender), settings=settings)
+    options = options or {}
+    pool = str(options.get("pool_cls") or "prefork").rsplit(".", 1)[-1].lower()
+    processes = (options.get("concurrency") or os.cpu_count() or 1) if pool in ("prefork", "taskpool") else 1
+    stages = [stage for stage in Stage if stage.queue in queues]
+    LIFE = WorkerLife(name=str(sender), settings=settings, stages=stages, processes=int(processes))
     LIFE.start()
 
 
@@ -342,9 +308,17 @@ class Transport(kombu_redis.Transport):
 
 
 @worker_process_init.connect
-def limit_torch_threads(**_) -> None:
-    """`M2IO_TORCH_THREADS` in each process that runs tasks: a prefork pool process, or the worker
-    itself with the solo pool (both send this signal). Torch is imported only when it is set."""
+def prepare_process(**_) -> None:
+    """In each process that runs tasks (a prefork pool process, or the worker itself with the solo pool:
+    both send this signal), in this order: torch threads, fresh connections, then the warm-up."""
+    limit_torch_threads()
+    drop_inherited_connections()
+    if LIFE is not None:
+        warmup.warm_up_process(LIFE.stages, LIFE.incarnation, LIFE.ttl_ms(), LIFE.settings.worker_heartbeat_s)
+
+
+def limit_torch_threads() -> None:
+    """`M2IO_TORCH_THREADS`, before any model loads. Torch is imported only when it is set."""
     threads = get_settings().torch_threads
     if threads:
         import torch
@@ -352,14 +326,18 @@ def limit_torch_threads(**_) -> None:
         torch.set_num_threads(threads)
 
 
-@worker_process_init.connect
-def drop_inherited_connections(**_) -> None:
+def drop_inherited_connections() -> None:
     """A pool process forked after the main process used Postgres (a dead letter) must not share its
     sockets: the inherited pool is dropped without closing the parent's connections."""
     if get_settings().database_url:
         from services.common.db import get_engine
 
         get_engine().dispose(close=False)
+
+
+@task_postrun.connect
+def report_late_loads(**_) -> None:
+    warmup.note_late_loads()
 
 
 def worker_argv(queue: str, name: str, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:

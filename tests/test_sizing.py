@@ -1,0 +1,82 @@
+"""The default size of a local cluster (infra/sizing.py): processes per stage and torch threads from the
+cores, used by `m2io up` for what the user did not set."""
+
+from __future__ import annotations
+
+import doctest
+import os
+
+import pytest
+
+from infra import sizing
+from infra.cluster import LocalCluster
+from infra.sizing import machine_cores, plan_workers
+from services.common.queues import PIPELINE, Stage
+from services.common.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_doctests():
+    assert doctest.testmod(sizing).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"),
+    [
+        (1, {"retriever": 1, "generator": 1, "inserter": 1, "merger": 1}),
+        (2, {"retriever": 1, "generator": 1, "inserter": 1, "merger": 1}),
+        (4, {"retriever": 2, "generator": 1, "inserter": 1, "merger": 1}),
+        (8, {"retriever": 4, "generator": 2, "inserter": 2, "merger": 2}),
+        (16, {"retriever": 8, "generator": 4, "inserter": 4, "merger": 4}),
+    ],
+)
+def test_the_plan_of_a_machine(cores, expected):
+    plan = plan_workers(cores)
+    assert {stage.value: plan.processes[stage] for stage in PIPELINE} == expected
+    assert plan.processes[Stage.TRAINER] == 1
+    assert plan.torch_threads == 1  # a thread per process: processes, not threads, fill the cores
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128])
+def test_the_answer_stages_add_up_to_a_little_over_the_cores(cores):
+    plan = plan_workers(cores)
+    assert set(plan.processes) == set(Stage)
+    assert all(plan.processes[stage] >= 1 for stage in Stage)
+    assert plan.answer_processes >= cores  # every core has work
+    # No more than a quarter over the cores, and one more (rounding), once every stage has its one process.
+    assert plan.answer_processes <= max(len(PIPELINE), cores + cores // 4 + 2)
+    assert plan.processes[Stage.RETRIEVER] >= max(plan.processes[stage] for stage in PIPELINE)
+
+
+def test_zero_or_negative_cores_count_as_one():
+    assert plan_workers(0) == plan_workers(1) == plan_workers(-3)
+
+
+def test_machine_cores_is_this_process_affinity():
+    assert 1 <= machine_cores() <= (os.cpu_count() or 1)
+
+
+def test_up_uses_the_plan_unless_told(tmp_path, monkeypatch):
+    monkeypatch.delenv("M2IO_TORCH_THREADS", raising=False)
+    monkeypatch.setattr("infra.cluster.machine_cores", lambda: 8)
+    cluster = LocalCluster(Settings(state_dir=tmp_path), start_dashboard=False)
+    assert {stage: cluster.processes_of(stage) for stage in Stage} == plan_workers(8).processes
+    argv = cluster.worker_argv(Stage.RETRIEVER)
+    assert argv[argv.index("--concurrency") + 1] == "4"
+    assert cluster.workers.process_env({})["M2IO_TORCH_THREADS"] == "1"
+
+    # Explicit settings win: a concurrency (the option, else M2IO_WORKER_CONCURRENCY) for the answer stages...
+    told = LocalCluster(Settings(state_dir=tmp_path, worker_concurrency=3), start_dashboard=False)
+    assert [told.processes_of(stage) for stage in PIPELINE] == [3] * len(PIPELINE)
+    assert told.processes_of(Stage.TRAINER) == 1
+    assert (
+        LocalCluster(Settings(state_dir=tmp_path, worker_concurrency=3), worker_concurrency=2).processes_of(
+            Stage.MERGER
+        )
+        == 2
+    )
+    # ... and M2IO_TORCH_THREADS, from the environment or from cluster.env.
+    assert cluster.workers.process_env({"M2IO_TORCH_THREADS": "4"})["M2IO_TORCH_THREADS"] == "4"
+    monkeypatch.setenv("M2IO_TORCH_THREADS", "2")
+    assert cluster.workers.process_env({})["M2IO_TORCH_THREADS"] == "2"
