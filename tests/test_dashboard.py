@@ -26,9 +26,9 @@ def _listening_on_loopback():
 
 @pytest.mark.slow
 def test_overview_shows_servers_workers_and_queues(workers):
-    worker = workers.start("generator")
+    worker = workers.start("inserter")
     wait_for(lambda: (worker_warmth(get_settings().redis_url) or {}).get(worker.name, None), 120, "a warm-up record")
-    wait_for(lambda: worker_warmth(get_settings().redis_url)[worker.name].state == "ready", 120, "a ready generator")
+    wait_for(lambda: worker_warmth(get_settings().redis_url)[worker.name].state == "ready", 120, "a ready inserter")
     app = AppTest.from_file(APP, default_timeout=30).run()
     assert not app.exception
     metrics = {metric.label: metric.value for metric in app.metric}
@@ -36,9 +36,9 @@ def test_overview_shows_servers_workers_and_queues(workers):
     table = app.dataframe[0].value
     by_stage = {row["stage"]: row for row in table.to_dict("records")}
     assert set(by_stage) == {"retriever", "generator", "inserter", "merger", "trainer"}
-    assert by_stage["generator"]["workers online"] == 1
-    assert by_stage["generator"]["workers ready"] == 1 and by_stage["generator"]["warm-up s"] > 0
-    assert by_stage["generator"]["workers"] == f"{worker.name} (ready)"
+    assert by_stage["inserter"]["workers online"] == 1
+    assert by_stage["inserter"]["workers ready"] == 1 and by_stage["inserter"]["warm-up s"] > 0
+    assert by_stage["inserter"]["workers"] == f"{worker.name} (ready)"
     assert by_stage["retriever"]["workers online"] == 0
     assert "retriever" in app.warning[0].value
 

@@ -46,12 +46,12 @@ def default_embedder() -> str:
 
 
 # What each stage's processes load before their first message. The LM backends (local, llm, checkpoint)
-# are chosen per job and load on first use, as before. When the generator and inserter read the vectors
-# stored at ingest instead of embedding, their entries become empty.
+# are chosen per job and load on first use, as before. The generator and inserter read the vectors stored
+# at ingest (services/common/vectors.py); only an LM's answer brings text that must be embedded.
 WARM_UP: dict[Stage, tuple[Callable[[], str], ...]] = {
-    Stage.RETRIEVER: (default_embedder,),  # embeds the question (and section labels)
-    Stage.GENERATOR: (default_embedder,),  # extractive: embeds the passages' units
-    Stage.INSERTER: (default_embedder,),  # rule: embeds the answer's units and the images' contexts
+    Stage.RETRIEVER: (default_embedder,),  # embeds the question
+    Stage.GENERATOR: (),  # extractive: the retriever's sections, or MMR over stored unit vectors
+    Stage.INSERTER: (default_embedder,),  # rule: an LM's answer (no provenance) is embedded to be matched
     Stage.MERGER: (),
     Stage.TRAINER: (),  # a training run loads its own models
 }
