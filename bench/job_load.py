@@ -198,14 +198,14 @@ def in_process_worker(torch_threads: int | None, work, control) -> None:
     for the next round (so that it never takes another worker's "END")."""
     import torch
 
+    from infra.sizing import TORCH_THREADS
     from services.common.celery_app import app
     from services.generator.tasks import generate_for_query
     from services.inserter.tasks import insert_for_query
     from services.merger.tasks import merge_for_query
     from services.retriever.tasks import retrieve_for_query
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
+    torch.set_num_threads(torch_threads or TORCH_THREADS)  # as m2io up's workers, unless asked otherwise
     tasks = {
         Stage.RETRIEVER: retrieve_for_query,
         Stage.GENERATOR: generate_for_query,
@@ -317,9 +317,11 @@ def run_bound(questions: list[dict[str, Any]], cluster) -> dict[str, Any]:
     machine's cores; the cluster's throughput is reported against it."""
     import statistics
 
+    import torch
     from sqlalchemy import insert, select, text, update
     from sqlalchemy.dialects.postgresql import insert as upsert
 
+    from infra.sizing import TORCH_THREADS
     from services.common.db import vector_literal
     from services.common.models import Answer, Query, StageRun
     from services.common.storage import get_store
@@ -327,6 +329,7 @@ def run_bound(questions: list[dict[str, Any]], cluster) -> dict[str, Any]:
     from services.jobs.questions import from_records
     from services.retriever.search import POOL, text_ranks, vector_ranks
 
+    torch.set_num_threads(TORCH_THREADS)  # as a worker of m2io up's plan embeds
     embedder = get_embedder(DEFAULT_EMBEDDING_MODEL)
     embedder.encode(["warm-up"])
     store = get_store()
@@ -456,7 +459,7 @@ def run_cluster(
     client = Client()
     # Every pool process loads its models on its first task: a warm-up job of a few per process.
     warm = client.submit(
-        questions[: warm_up * max(concurrency, *per_stage.values())],
+        questions[: warm_up * max([concurrency, *per_stage.values()])],
         questions[0]["collection"],
         generator=GENERATOR,
         inserter=INSERTER,
@@ -568,7 +571,7 @@ def main() -> None:
             processes = int(run.partition(":")[2] or 1)
             count = args.in_process_questions or args.questions
             result = run_in_process(questions[:count], cluster, processes, args.torch_threads, args.warm_up)
-        elif run == "bound":
+        elif run == "bound":  # torch threads as m2io up's plan gives a worker
             result = run_bound(questions[: args.in_process_questions or args.questions], cluster)
         elif run.startswith("cluster:"):
             # cluster:N, or cluster:N:stage=M:... for stages with another process count

@@ -23,10 +23,16 @@ def get_engine() -> Engine:
     return engine_for(get_settings().require_database_url())
 
 
+@lru_cache(maxsize=4)
+def session_factory(engine: Engine) -> sessionmaker:
+    # One factory per engine: `sessionmaker(...)` makes a Session subclass, too costly per transaction.
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A transaction: committed when the block ends, rolled back on any exception."""
-    session = sessionmaker(bind=get_engine(), expire_on_commit=False)()
+    session = session_factory(get_engine())()
     try:
         yield session
         session.commit()

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, insert, select, text, update
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from services.common.contracts import InsertionPlan, JobConfig, MergeOutput, Retrieval, TextAnswer
 from services.common.db import session_scope
-from services.common.models import DeadLetter, Job, Query, StageRun
+from services.common.models import DeadLetter, Query, StageRun
 from services.common.queues import STAGES, Stage, answer_stage
 from services.common.settings import get_settings
 from services.common.text import printable
@@ -82,62 +83,57 @@ def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> Attempt | Non
     Postgres crashed in between, the success finds no attempt to mark and the task is retried
     (`AttemptLost`), so nothing is handed on from an attempt that was never recorded."""
     with session_scope() as session:
-        session.execute(text("SET LOCAL synchronous_commit = off"))
-        # Serialise attempts of one query: a row lock on the query.
-        query = session.execute(
-            select(Query.status, Query.question, Query.collection, Job.config)
-            .join(Job, Job.id == Query.job_id)
-            .where(Query.id == query_id)
-            .with_for_update(of=Query)
-        ).one_or_none()
+        query = session.execute(BEGIN_READ, {"id": query_id}).one_or_none()
         if query is None:
             raise QueryNotFound(f"query {query_id} does not exist")
         if query.status == "cancelled":
             raise QueryCancelled(f"query {query_id} was cancelled")
-        runs = session.execute(
-            select(
-                StageRun.stage,
-                StageRun.status,
-                StageRun.attempt,
-                case((StageRun.status == "succeeded", StageRun.output), else_=None),
-            ).where(StageRun.query_id == query_id)
-        ).all()
-        mine = [run for run in runs if run.stage == stage]
-        if any(run.status == "succeeded" for run in mine):
+        runs = [(run_stage, status, attempt, output) for run_stage, status, attempt, output in query.runs]
+        mine = [run for run in runs if run[0] == stage]
+        if any(status == "succeeded" for _, status, _, _ in mine):
             return None
-        if any(run.status == "running" for run in mine):
+        if any(status == "running" for _, status, _, _ in mine):
             session.execute(
                 update(StageRun)
                 .where(StageRun.query_id == query_id, StageRun.stage == stage, StageRun.status == "running")
                 .values(status="lost", finished_at=now(), error="worker died or message was redelivered")
             )
+        attempt = max((number for _, _, number, _ in mine), default=0) + 1
         run_id = session.execute(
-            insert(StageRun)
-            .values(
-                query_id=query_id,
-                stage=stage,
-                attempt=max((run.attempt for run in mine), default=0) + 1,
-                status="running",
-                worker=worker,
-            )
-            .returning(StageRun.id)
+            BEGIN_WRITE, {"id": query_id, "stage": stage, "attempt": attempt, "worker": worker}
         ).scalar_one()
-        if query.status == "queued":
-            session.execute(update(Query).where(Query.id == query_id).values(status="running"))
     known = {entry.stage.value for entry in STAGES}
-    succeeded = tuple((run.stage, run[3]) for run in runs if run.status == "succeeded" and run.stage in known)
+    succeeded = tuple((name, output) for name, status, _, output in runs if status == "succeeded" and name in known)
     return Attempt(run_id, query_id, query.question, query.collection, query.config or {}, succeeded)
+
+
+# The hot path of every hop, written out (no ORM statement built per task). BEGIN_READ: this transaction's
+# commit does not wait for the disk (see begin_attempt), the query locked (attempts of one query are
+# serialised) with its job's config and its stage runs, the succeeded ones with their outputs.
+BEGIN_READ = text(
+    "SELECT set_config('synchronous_commit', 'off', true) AS commit_mode, q.status, q.question, q.collection, "
+    "j.config, (SELECT coalesce(jsonb_agg(jsonb_build_array(r.stage, r.status, r.attempt, "
+    "CASE WHEN r.status = 'succeeded' THEN r.output END) ORDER BY r.id), '[]'::jsonb) "
+    "FROM stage_runs r WHERE r.query_id = q.id) AS runs "
+    "FROM queries q JOIN jobs j ON j.id = q.job_id WHERE q.id = :id FOR UPDATE OF q"
+)
+SUCCEED = text(
+    "UPDATE stage_runs SET status = 'succeeded', finished_at = :finished, output = :output, error = NULL WHERE id = :id"
+).bindparams(bindparam("output", type_=JSONB))
+# The new attempt, and the query running if it was only queued.
+BEGIN_WRITE = text(
+    "WITH started AS (UPDATE queries SET status = 'running', updated_at = now() "
+    "WHERE id = :id AND status = 'queued') "
+    "INSERT INTO stage_runs (query_id, stage, attempt, status, worker) "
+    "VALUES (:id, :stage, :attempt, 'running', :worker) RETURNING id"
+)
 
 
 def succeed_attempt(run_id: int, output: dict[str, Any]) -> bool:
     """Mark the attempt succeeded; False when another attempt of the same stage won the race."""
     try:
         with session_scope() as session:
-            marked = session.execute(
-                update(StageRun)
-                .where(StageRun.id == run_id)
-                .values(status="succeeded", finished_at=now(), output=output, error=None)
-            ).rowcount
+            marked = session.execute(SUCCEED, {"id": run_id, "finished": now(), "output": output}).rowcount
             if marked != 1:
                 raise AttemptLost(f"stage run {run_id} is not recorded (Postgres restarted since it began)")
     except IntegrityError:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from celery import Task
 from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as upsert
@@ -35,10 +33,9 @@ def merge_for_query(ref: QueryRef, task: Task) -> MergeOutput:
     store = get_store()
     merged, page = merge(question, outputs.answer.units, outputs.plan, outputs.retrieval.candidates, store)
     prefix = f"answers/{ref.query_id}"
+    # The page (large: images inline) goes to S3; the Markdown and blocks to the answer row below.
     store.put_named(f"{prefix}/answer.html", page.encode(), "text/html; charset=utf-8")
-    store.put_named(f"{prefix}/answer.md", merged.markdown.encode(), "text/markdown; charset=utf-8")
     blocks = [block.model_dump(mode="json", exclude_none=True) for block in merged.blocks]
-    store.put_named(f"{prefix}/answer.json", json.dumps(blocks, ensure_ascii=False).encode(), "application/json")
     # Upsert by query: a redelivered merge (after a crash past this point) rewrites the same row.
     with session_scope() as session:
         session.execute(
