@@ -156,7 +156,9 @@ def stage_task(
                 current_attempt.reset(running)
             if succeed_attempt(attempt.id, output):
                 hand_on(task, then, payload)
-            return {"query_id": str(payload.query_id), **output}
+            # The output is stored with the stage run; the task's own result (pickled back to the pool's
+            # parent, and logged) only says where: a whole Retrieval here costs every hop CPU for nothing.
+            return {"query_id": str(payload.query_id), "stage_run": attempt.id}
 
         attempt_stage.__name__ = work.__name__
         return queue_task(stage, operation, contract)(attempt_stage)
