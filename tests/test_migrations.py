@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from infra.migrate import alembic_config, current_revision, downgrade, upgrade
 
+INDEX = "0010_search_index"  # the revision that moved the vector indexes to IVFFlat
 HEAD = ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
 EXPECTED_TABLES = {
     "ingest_runs",
@@ -67,7 +68,8 @@ def test_upgrade_empty_database_then_downgrade_back(empty_database):
     assert "vector" in extensions
     for table in ("chunks", "images"):
         for dim in (384, 1024):
-            assert f"ix_{table}_embedding_hnsw_{dim}" in indexes
+            assert f"ix_{table}_embedding_ivfflat_{dim}" in indexes
+            assert f"ix_{table}_embedding_hnsw_{dim}" not in indexes
     assert "ix_chunks_tsv" in indexes
     assert "uq_stage_runs_one_success" in indexes
 
@@ -86,7 +88,12 @@ def test_models_and_migrations_agree(empty_database):
     command.check(alembic_config(empty_database))
 
 
-def test_hnsw_index_serves_cosine_search(empty_database):
+def test_vector_index_serves_the_production_search(empty_database):
+    """The IVFFlat index serves `vector_search_sql` (the retriever's query), before and after a rebuild
+    that fits its lists to the rows; downgrading past 0010 brings the HNSW indexes back."""
+    from services.retriever.search import vector_search_sql
+    from services.retriever.vector_index import built_lists, refresh_vector_indexes
+
     upgrade(empty_database)
     engine = create_engine(empty_database)
     with engine.begin() as conn:
@@ -97,32 +104,38 @@ def test_hnsw_index_serves_cosine_search(empty_database):
         conn.execute(
             text(
                 "INSERT INTO chunks (document_id, collection_id, ordinal, text, embedding, embedding_dim) "
-                "SELECT 1, 1, g, 'chunk ' || g, "
-                "  (SELECT array_agg(sin(g * 7.0 + i))::vector FROM generate_series(1, 384) i), 384 "
-                "FROM generate_series(1, 2000) g"
+                "SELECT 1, 1, g, '', "
+                "  (SELECT array_agg(hashint4(g * 1000 + i) / 2.2e9)::vector FROM generate_series(1, 384) i), 384 "
+                "FROM generate_series(1, 12000) g"
             )
         )
         conn.execute(text("ANALYZE chunks"))
-        conn.execute(text("SET LOCAL enable_seqscan = off"))
-        query = "(SELECT embedding::vector(384) FROM chunks WHERE ordinal = 1234)"
-        plan = "\n".join(
-            row[0]
-            for row in conn.execute(
-                text(
-                    f"EXPLAIN SELECT ordinal FROM chunks WHERE embedding_dim = 384 "
-                    f"ORDER BY embedding::vector(384) <=> {query} LIMIT 5"
-                )
-            )
-        )
-        nearest = conn.execute(
-            text(
-                f"SELECT ordinal FROM chunks WHERE embedding_dim = 384 "
-                f"ORDER BY embedding::vector(384) <=> {query} LIMIT 1"
-            )
-        ).scalar()
-    engine.dispose()
-    assert "ix_chunks_embedding_hnsw_384" in plan
+    query = "(SELECT embedding::vector(384)::text FROM chunks WHERE ordinal = 1234)"
+
+    def search() -> tuple[str, int]:
+        sql = vector_search_sql("chunks", 384).replace(":query", query).replace(":collection", "1")
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + sql), {"limit": 5}))
+            nearest = conn.execute(text(f"SELECT ordinal FROM chunks WHERE id = ({sql})"), {"limit": 1}).scalar()
+        return plan, nearest
+
+    _, nearest = search()  # one list (built on an empty table): an exact scan, by the index or not
     assert nearest == 1234
+    with engine.connect() as conn:
+        assert built_lists(conn, "chunks", 384) == 1
+    assert refresh_vector_indexes(engine) == {"ix_chunks_embedding_ivfflat_384": 110}  # sqrt(12,000)
+    assert refresh_vector_indexes(engine) == {}  # fitted now
+    with engine.connect() as conn:
+        assert built_lists(conn, "chunks", 384) == 110
+    plan, nearest = search()
+    assert "ix_chunks_embedding_ivfflat_384" in plan and nearest == 1234
+    engine.dispose()
+
+    before = ScriptDirectory.from_config(alembic_config(empty_database)).get_revision(INDEX).down_revision
+    downgrade(empty_database, before)
+    _, _, indexes = schema(empty_database)
+    assert "ix_chunks_embedding_hnsw_384" in indexes and "ix_chunks_embedding_ivfflat_384" not in indexes
 
 
 def test_0005_moves_the_failed_stage_out_of_the_error_text_and_back(empty_database):

@@ -12,9 +12,9 @@ target_metadata = Base.metadata
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
-    # The per-dimension HNSW expression indexes are written in SQL in the migrations; the models
-    # cannot express them, so autogenerate must not offer to drop them.
-    return not (type_ == "index" and name and "_embedding_hnsw_" in name)
+    # The per-dimension vector expression indexes (HNSW until 0010, IVFFlat since) are written in SQL
+    # in the migrations; the models cannot express them, so autogenerate must not offer to drop them.
+    return not (type_ == "index" and name and ("_embedding_hnsw_" in name or "_embedding_ivfflat_" in name))
 
 
 def database_url() -> str:

@@ -80,9 +80,15 @@ class Settings(BaseSettings):
     # event costs Redis round trips on every hop: off unless a monitor listens.
     task_events: bool = False
 
-    # HNSW beam width of vector searches: recall@10 0.98 at 100k vectors with 100; at 1M clustered
-    # vectors 100 gives 0.69 and 800 gives 0.94 (bench/README.md). Raise it for large collections.
-    hnsw_ef_search: int = Field(default=100, ge=10, le=1000)
+    # IVFFlat lists read by a vector search (the indexes have ~sqrt(rows) lists, services/retriever/vector_index.py;
+    # one list, an exact scan, below 10k rows). Each probe reads ~sqrt(rows) vectors, so the cost grows linearly
+    # with probes and recall saturates: on 1M clustered vectors 4 probes give recall@10 0.99 and 8 give 0.999
+    # in a few ms, on 100k 8 give 0.99 (bench/README.md, "Vector search at scale"). HNSW, before migration 0010,
+    # needed ef_search 800 for 0.94 at 1M; IVFFlat's price is that its lists are fitted when it is built, so it is
+    # rebuilt after an ingest run that doubled a table. Searches filtered to a small collection probe further
+    # (iterative scan) until they found their rows, up to `ivfflat_max_probes` lists.
+    ivfflat_probes: int = Field(default=8, ge=1, le=1000)
+    ivfflat_max_probes: int = Field(default=32, ge=1, le=32_768)
 
     # Torch threads of each worker process (None: torch's default, one per core; `m2io up` sets it from the
     # machine's cores, infra/sizing.py). Several worker processes, each with a thread per core, oversubscribe

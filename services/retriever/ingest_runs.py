@@ -10,6 +10,7 @@ transaction and locks the run row never for longer than that; the CLI never wait
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from services.common.contracts import IngestBatch, StagedDocument
-from services.common.db import session_scope
+from services.common.db import get_engine, session_scope
 from services.common.embedding import get_embedder
 from services.common.models import Collection, IngestItem, IngestRun
 from services.common.stage_runs import now
@@ -40,6 +41,9 @@ from services.retriever.ingest import (
 )
 from services.retriever.ocr import ImageTextReader
 from services.retriever.sources import Skipped, SourceDocument
+from services.retriever.vector_index import refresh_vector_indexes
+
+log = logging.getLogger(__name__)
 
 BATCH_DOCUMENTS = 8  # documents per message: enough to batch embeddings, small enough to spread
 # ...and at most this much Markdown per message (one bigger document goes alone), so one message's
@@ -235,8 +239,15 @@ def close_if_finished(run_id: uuid.UUID) -> None:
             .where(IngestRun.id == run_id, IngestRun.status.in_(("running", "incomplete")))
             .with_for_update(skip_locked=True)
         ).scalar_one_or_none()
-        if run is not None:
-            run.status, run.finished_at = run_state(run.status, counts), now()
+        if run is None:
+            return
+        run.status, run.finished_at = run_state(run.status, counts), now()
+    # After the commit: the run is done whatever the indexes do. An index whose lists were fitted to far
+    # fewer (or more) rows is rebuilt, concurrently (services/retriever/vector_index.py).
+    try:
+        refresh_vector_indexes(get_engine())
+    except SQLAlchemyError as error:  # the next run's close tries again
+        log.warning("vector index refresh after ingest run %s failed: %s", run_id, error)
 
 
 # ------------------------------------------------------------------ worker side

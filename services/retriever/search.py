@@ -1,4 +1,4 @@
-"""Hybrid search: pgvector HNSW (cosine) and Postgres full-text, fused by reciprocal rank, per collection.
+"""Hybrid search: pgvector IVFFlat (cosine, halfvec) and Postgres full-text, fused by reciprocal rank, per collection.
 
 Candidate images are the images inside the retrieved passages plus the images whose description
 (caption + context + the words inside the image) is close to the question, de-duplicated by source
@@ -38,6 +38,7 @@ from services.retriever.sections import (
     terms,
     wants_subsections,
 )
+from services.retriever.vector_index import search_expression
 
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion; robust across lists
 POOL = 50  # how deep each list is read before fusion
@@ -60,21 +61,28 @@ def rrf(rank: int | None) -> float:
     return 0.0 if rank is None else 1.0 / (RRF_K + rank)
 
 
+def vector_search_sql(table: str, dim: int) -> str:
+    """Nearest neighbours by cosine on the table's IVFFlat index for `dim` (its expression, its predicate)."""
+    expression = search_expression(dim)
+    return (
+        f"SELECT id FROM {table} WHERE collection_id = :collection AND embedding_dim = {dim} "
+        f"ORDER BY {expression} <=> CAST(:query AS halfvec({dim})) LIMIT :limit"
+    )
+
+
 def vector_ranks(session: Session, table: str, collection: Collection, query_vector: str, limit: int) -> list[int]:
-    dim = collection.embedding_dim
-    # Iterative scans keep reading the index until enough rows pass the collection filter.
-    ef_search = int(get_settings().hnsw_ef_search)  # validated 10..1000
-    session.execute(  # one round trip; for this transaction only
+    settings = get_settings()
+    # One round trip for the transaction's settings. Iterative scans read further lists while fewer
+    # than `limit` rows of the collection were found, up to max_probes (a small collection in a large table).
+    session.execute(
         text(
-            "SELECT set_config('hnsw.ef_search', :ef, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+            "SELECT set_config('ivfflat.probes', :probes, true), set_config('ivfflat.max_probes', :max_probes, true), "
+            "set_config('ivfflat.iterative_scan', 'relaxed_order', true)"
         ),
-        {"ef": str(ef_search)},
+        {"probes": str(settings.ivfflat_probes), "max_probes": str(settings.ivfflat_max_probes)},
     )
     rows = session.execute(
-        text(
-            f"SELECT id FROM {table} WHERE collection_id = :collection AND embedding_dim = {dim} "
-            f"ORDER BY embedding::vector({dim}) <=> CAST(:query AS vector({dim})) LIMIT :limit"
-        ),
+        text(vector_search_sql(table, collection.embedding_dim)),
         {"collection": collection.id, "query": query_vector, "limit": limit},
     ).all()
     return [row.id for row in rows]
