@@ -1,10 +1,13 @@
 """Vector search at scale: latency p50/p99 and recall@10 against exact search, at 100k and 1M vectors.
 
-Runs in its own database (created on the configured server and migrated with our migrations), so
-the index measured is the production one: the partial expression index on `chunks` for 384-d
-vectors, queried with the same SQL as `services.retriever.search.vector_ranks`. Other index
-configurations (`--index`, `--m`, `--ef-construction`, `--lists`, `--halfvec`) replace it for the
-run, under the same name, with the query they need.
+Runs in its own database (created on the configured server and migrated with our migrations). The
+default, `--index production`, measures what production runs: the index rebuilt by
+`services.retriever.vector_index.rebuild` (what the refresh after an ingest run does: IVFFlat on
+halfvec, sqrt(rows) lists, built concurrently), searched by `services.retriever.search.vector_ranks`
+itself (its transaction, its settings round trip, LIMIT 50 as the retriever asks; recall on the first
+10) with `--probes` as `M2IO_IVFFLAT_PROBES`. Other configurations (`--index hnsw|ivfflat`, `--m`,
+`--ef-construction`, `--lists`, `--halfvec`) replace the production index for the run with the same
+query shape, for comparison.
 
 Data: real all-MiniLM-L6-v2 embeddings of the corpora's chunks serve as cluster centres; each
 synthetic vector is a centre plus Gaussian noise (cosine ~0.75 to its centre), so the set has the
@@ -15,11 +18,12 @@ once per size and kept in the database, table `bench_exact`).
 Each latency run records the whole machine's CPU busy share while it ran (psutil): the machine is
 shared, and other load makes latencies pessimistic.
 
-    .venv/bin/python bench/search_scale.py --sizes 100000 1000000 [--out bench/results/search.json]
-    # keep the database, then time other beams on the built index without rebuilding it:
-    .venv/bin/python bench/search_scale.py --sizes 1000000 --db m2io_bench_1m --keep-db --halfvec
-    .venv/bin/python bench/search_scale.py --sizes 1000000 --db m2io_bench_1m --keep-db --halfvec \
-        --query-only --ef-search 200 400
+    .venv/bin/python -m bench.search_scale --sizes 100000 1000000 --queries 200 --probes 4 8 [--out FILE]
+    # keep the database, then time the built index again (no rebuild, no migration):
+    .venv/bin/python -m bench.search_scale --sizes 1000000 --db m2io_bench_1m --keep-db
+    .venv/bin/python -m bench.search_scale --sizes 1000000 --db m2io_bench_1m --keep-db --query-only --probes 6
+    # HNSW on halfvec, for comparison:
+    .venv/bin/python -m bench.search_scale --sizes 1000000 --index hnsw --halfvec --ef-search 100 400 800
 """
 
 from __future__ import annotations
@@ -36,17 +40,25 @@ import numpy as np
 import psutil
 import psycopg
 from pgvector.psycopg import register_vector
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from infra.migrate import upgrade
+from services.common.db import vector_literal
 from services.common.embedding import get_embedder
+from services.common.models import Collection
 from services.common.settings import get_settings
 from services.retriever.chunking import chunk_document
 from services.retriever.importers import parse_source, read_corpus
+from services.retriever.search import POOL, vector_ranks, vector_search_sql
 from services.retriever.sources import SourceDocument
+from services.retriever.vector_index import index_name, lists_for, rebuild
 
 DEFAULT_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 DIM = 384
-INDEX_NAME = "ix_chunks_embedding_hnsw_384"  # the migrations' name, whatever the method
+PRODUCTION_INDEX = index_name("chunks", DIM)
+VARIANT_INDEX = "ix_chunks_embedding_bench_384"
+ALL_INDEXES = (PRODUCTION_INDEX, VARIANT_INDEX, "ix_chunks_embedding_hnsw_384")  # the last: before 0010
 EXACT_SQL = (
     "SELECT id FROM chunks WHERE collection_id = %(collection)s AND embedding_dim = 384 "
     "ORDER BY embedding::vector(384) <=> %(query)s::vector(384) LIMIT 10"
@@ -55,7 +67,7 @@ EXACT_SQL = (
 
 @dataclass(frozen=True)
 class IndexConfig:
-    method: str = "hnsw"  # or "ivfflat"
+    method: str = "production"  # or "hnsw", "ivfflat"
     halfvec: bool = False  # index (and query) embedding::halfvec(384) instead of vector(384)
     m: int = 16
     ef_construction: int = 64
@@ -73,14 +85,14 @@ class IndexConfig:
             else f"lists = {self.lists}"
         )
         return (
-            f"CREATE INDEX {INDEX_NAME} ON chunks USING {self.method} ((embedding::{self.cast}) {ops}) "
+            f"CREATE INDEX {VARIANT_INDEX} ON chunks USING {self.method} ((embedding::{self.cast}) {ops}) "
             f"WITH ({params}) WHERE embedding_dim = {DIM}"
         )
 
     def search_sql(self) -> str:
         return (
             f"SELECT id FROM chunks WHERE collection_id = %(collection)s AND embedding_dim = {DIM} "
-            f"ORDER BY embedding::{self.cast} <=> %(query)s::vector({DIM})::{self.cast} LIMIT 10"
+            f"ORDER BY embedding::{self.cast} <=> %(query)s::vector({DIM})::{self.cast} LIMIT {POOL}"
         )
 
     def session_settings(self, beam: int) -> list[str]:
@@ -151,71 +163,107 @@ def exact_top10(conn: psycopg.Connection, collection: int, queries: np.ndarray, 
     return [stored[i] for i in range(len(queries))]
 
 
-def measure(
-    conn: psycopg.Connection,
-    config: IndexConfig,
-    collection: int,
-    queries: np.ndarray,
-    exact: list[set[int]],
-    beam: int,
-) -> dict:
-    """Each query as production runs it: a transaction with the index's SET LOCALs, then the search."""
-    sql = config.search_sql()
-    with conn.transaction(), conn.cursor() as cur:
-        for statement in config.session_settings(beam):
-            cur.execute(statement)
-        cur.execute("EXPLAIN " + sql, {"collection": collection, "query": queries[0]})
-        plan = " ".join(row[0] for row in cur.fetchall())
-    for query in queries[:5]:  # warm-up: the first touches of the index pages are not the steady state
-        with conn.transaction(), conn.cursor() as cur:
-            for statement in config.session_settings(beam):
-                cur.execute(statement)
-            cur.execute(sql, {"collection": collection, "query": query})
+def timed(search, queries, exact: list[set[int]], backend_pid: int) -> dict:
+    """Recall@10 and latency of `search(query) -> ids` over the queries, after 5 warm-up queries, with
+    the machine's CPU busy share (all cores, every process) meanwhile, and the CPU time the Postgres
+    backend spent per query (what other load on the machine does not change, unlike the latency)."""
+    for query in queries[:5]:  # the first touches of pages and of the code path are not the steady state
+        search(query)
     approx, latencies = [], []
+    backend = psutil.Process(backend_pid)
+    cpu_before = sum(backend.cpu_times()[:2])
     psutil.cpu_percent(interval=None)
     load_before = os.getloadavg()[0]
     for query in queries:
         started = time.perf_counter()
-        with conn.transaction(), conn.cursor() as cur:
-            for statement in config.session_settings(beam):
-                cur.execute(statement)
-            cur.execute(sql, {"collection": collection, "query": query})
-            found = {row[0] for row in cur.fetchall()}
+        found = set(search(query)[:10])
         latencies.append(time.perf_counter() - started)
         approx.append(found)
     busy = psutil.cpu_percent(interval=None)
+    backend_cpu_ms = (sum(backend.cpu_times()[:2]) - cpu_before) * 1000 / len(queries)
     recall = np.mean([len(a & e) / len(e) for a, e in zip(approx, exact, strict=True)])
     latencies_ms = np.array(latencies) * 1000
     return {
-        ("ef_search" if config.method == "hnsw" else "probes"): beam,
         "recall@10": round(float(recall), 4),
         "p50_ms": round(float(np.percentile(latencies_ms, 50)), 2),
         "p99_ms": round(float(np.percentile(latencies_ms, 99)), 2),
+        "backend_cpu_ms_per_query": round(backend_cpu_ms, 2),
         "machine_cpu_busy_pct": round(busy, 1),
         "loadavg_1m": round((load_before + os.getloadavg()[0]) / 2, 2),
-        "uses_index": INDEX_NAME in plan,
     }
 
 
-def index_definition(conn: psycopg.Connection) -> str | None:
-    row = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (INDEX_NAME,)).fetchone()
-    return row[0] if row else None
+def measure_production(engine, conn: psycopg.Connection, queries: np.ndarray, exact: list[set[int]], probes: int):
+    """`vector_ranks` as the retriever calls it (one session, a transaction per question)."""
+    os.environ["M2IO_IVFFLAT_PROBES"] = str(probes)
+    get_settings.cache_clear()
+    collection = Collection(id=1, name="scale", embedding_model="synthetic", embedding_dim=DIM)
+    literals = [vector_literal(query) for query in queries]  # made before a question's search, too
+    with Session(engine) as session:
+
+        def search(literal: str) -> list[int]:
+            ids = vector_ranks(session, "chunks", collection, literal, POOL)
+            session.rollback()
+            return ids
+
+        session.execute(text(f"SET LOCAL ivfflat.probes = {probes}"))
+        plan = " ".join(
+            row[0]
+            for row in session.execute(
+                text("EXPLAIN " + vector_search_sql("chunks", DIM)),
+                {"collection": 1, "query": literals[0], "limit": POOL},
+            )
+        )
+        session.rollback()
+        pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        session.rollback()
+        result = timed(search, literals, exact, pid)
+    return {"probes": probes, **result, "uses_index": PRODUCTION_INDEX in plan}
+
+
+def measure_variant(
+    conn: psycopg.Connection, config: IndexConfig, queries: np.ndarray, exact: list[set[int]], beam: int
+) -> dict:
+    """The variant's query, in a transaction with its SET LOCALs, as production would run it."""
+    sql = config.search_sql()
+
+    def search(query) -> list[int]:
+        with conn.transaction(), conn.cursor() as cur:
+            for statement in config.session_settings(beam):
+                cur.execute(statement)
+            cur.execute(sql, {"collection": 1, "query": query})
+            return [row[0] for row in cur.fetchall()]
+
+    with conn.transaction(), conn.cursor() as cur:
+        for statement in config.session_settings(beam):
+            cur.execute(statement)
+        cur.execute("EXPLAIN " + sql, {"collection": 1, "query": queries[0]})
+        plan = " ".join(row[0] for row in cur.fetchall())
+    result = timed(search, queries, exact, conn.info.backend_pid)
+    return {("ef_search" if config.method == "hnsw" else "probes"): beam, **result, "uses_index": VARIANT_INDEX in plan}
+
+
+def built_index(conn: psycopg.Connection) -> tuple[str, str] | None:
+    row = conn.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE indexname = ANY(%s)", (list(ALL_INDEXES),)
+    ).fetchone()
+    return (row[0], row[1]) if row else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--index", choices=["hnsw", "ivfflat"], default="hnsw")
-    parser.add_argument("--halfvec", action="store_true", help="index embedding::halfvec(384)")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--index", choices=["production", "hnsw", "ivfflat"], default="production")
+    parser.add_argument("--halfvec", action="store_true", help="variants: index embedding::halfvec(384)")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=64)
-    parser.add_argument("--lists", type=int, nargs="+", help="ivfflat lists, one per size (default rows/1000)")
+    parser.add_argument("--lists", type=int, nargs="+", help="ivfflat variant: lists per size (default sqrt(rows))")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 100])
-    parser.add_argument("--probes", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--maintenance-work-mem", default="3GB")
-    parser.add_argument("--parallel-workers", type=int, default=2, help="max_parallel_maintenance_workers")
+    parser.add_argument("--probes", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--maintenance-work-mem", default="3GB", help="variants' builds")
+    parser.add_argument("--parallel-workers", type=int, default=2, help="variants: max_parallel_maintenance_workers")
     parser.add_argument("--db", help="database name (default: a new one); reused when it exists")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database afterwards")
     parser.add_argument("--query-only", action="store_true", help="time the index already built in --db")
@@ -230,7 +278,9 @@ def main() -> None:
         if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone():
             admin.execute(f'CREATE DATABASE "{database}"')
     bench_url = url.rsplit("/", 1)[0] + f"/{database}"
-    upgrade(bench_url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = create_engine(bench_url.replace("postgresql://", "postgresql+psycopg://"))
+    if not args.query_only:  # a migration could replace the index to be timed
+        upgrade(bench_url.replace("postgresql://", "postgresql+psycopg://"))
     if args.embeddings_cache and args.embeddings_cache.exists():
         cached = np.load(args.embeddings_cache)
         centres, questions = cached["centres"], cached["questions"]
@@ -260,16 +310,16 @@ def main() -> None:
                     halfvec=args.halfvec,
                     m=args.m,
                     ef_construction=args.ef_construction,
-                    lists=lists.get(size, max(size // 1000, 10)),
+                    lists=lists.get(size, lists_for(size)),
                 )
-                entry: dict = {"index": asdict(config), "index_sql": config.create_sql()}
+                entry: dict = {"index": asdict(config)}
                 if args.query_only:
                     if loaded != size:
                         raise SystemExit(f"--query-only: {database} holds {loaded} chunks, not {size}")
-                    built = index_definition(conn)
-                    entry["index_sql"] = built
                 else:
-                    conn.execute(f"DROP INDEX IF EXISTS {INDEX_NAME}")
+                    if args.index != "production":
+                        for name in ALL_INDEXES:  # loads faster without, and no other index may serve the query
+                            conn.execute(f"DROP INDEX IF EXISTS {name}")
                     started = time.perf_counter()
                     for start in range(loaded, size, 100_000):
                         count = min(100_000, size - start)
@@ -278,26 +328,42 @@ def main() -> None:
                         entry["load_seconds"] = round(time.perf_counter() - started, 1)
                         conn.execute("VACUUM ANALYZE chunks")
                     loaded = size
-                    conn.execute(f"SET maintenance_work_mem = '{args.maintenance_work_mem}'")
-                    conn.execute(f"SET max_parallel_maintenance_workers = {args.parallel_workers}")
                     psutil.cpu_percent(interval=None)
                     started = time.perf_counter()
-                    conn.execute(config.create_sql())
+                    if args.index == "production":
+                        for name in ALL_INDEXES[1:]:
+                            conn.execute(f"DROP INDEX IF EXISTS {name}")
+                        # what the refresh after an ingest run does (CREATE INDEX CONCURRENTLY, then the swap)
+                        if not rebuild(engine, "chunks", DIM, lists_for(size)):
+                            raise SystemExit("the production rebuild failed (see the log)")
+                    else:
+                        conn.execute(f"SET maintenance_work_mem = '{args.maintenance_work_mem}'")
+                        conn.execute(f"SET max_parallel_maintenance_workers = {args.parallel_workers}")
+                        conn.execute(config.create_sql())
                     entry["index_build_seconds"] = round(time.perf_counter() - started, 1)
                     entry["build_machine_cpu_busy_pct"] = round(psutil.cpu_percent(interval=None), 1)
                     conn.execute("ANALYZE chunks")
+                built = built_index(conn)
+                if built is None:
+                    raise SystemExit(f"{database} has no vector index to time")
+                entry["index_sql"] = built[1]
                 entry["index_mb"] = round(
-                    conn.execute("SELECT pg_relation_size(%s)", (INDEX_NAME,)).fetchone()[0] / 2**20, 1
+                    conn.execute("SELECT pg_relation_size(%s)", (built[0],)).fetchone()[0] / 2**20, 1
                 )
-                # read the whole index (and the table) once, so that the latency runs see it in shared_buffers
+                entry["shared_buffers"] = conn.execute("SHOW shared_buffers").fetchone()[0]
+                # read the whole index (and the table) once, so that the latency runs see them in shared_buffers
                 conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
-                conn.execute("SELECT pg_prewarm(%s), pg_prewarm('chunks')", (INDEX_NAME,))
+                conn.execute("SELECT pg_prewarm(%s), pg_prewarm('chunks')", (built[0],))
                 exact = exact_top10(conn, 1, queries, size)
-                beams = args.ef_search if config.method == "hnsw" else args.probes
-                entry["runs"] = [measure(conn, config, 1, queries, exact, beam) for beam in beams]
+                if args.index == "production":
+                    entry["runs"] = [measure_production(engine, conn, queries, exact, probes) for probes in args.probes]
+                else:
+                    beams = args.ef_search if config.method == "hnsw" else args.probes
+                    entry["runs"] = [measure_variant(conn, config, queries, exact, beam) for beam in beams]
                 report["sizes"][str(size)] = entry
                 print(size, json.dumps(entry), flush=True)
     finally:
+        engine.dispose()
         if not args.keep_db:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
