@@ -20,6 +20,10 @@ from services.common.health import probe_postgres
 
 POSTGRES_SYSTEM_USER = "m2io-postgres"  # Postgres refuses to run as root
 LOCAL_DATABASE = "m2io"
+# Postgres's default (128MB) holds no vector index of a large collection: 1M 384-d chunks take a 790 MB
+# IVFFlat index (halfvec), and a search served from the OS cache instead pays a copy per page. Memory is
+# taken as pages are used, so a small database costs no more (bench/README.md, "Vector search at scale").
+SHARED_BUFFERS = "1GB"
 # Written at every start (so a data dir initialised with `trust` by an older m2io is fixed too): a
 # password on every connection, the Unix socket included, and `trust` nowhere.
 PG_HBA = """# written by `m2io up` at every start: SCRAM passwords on every connection, trust nowhere
@@ -114,6 +118,7 @@ class Postgres(Server):
         log = self.state.logs / "postgres.log"
         argv = [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1"]
         argv += ["-k", str(socket_dir), "-c", "unix_socket_permissions=0700", "-c", "max_connections=200"]
+        argv += ["-c", f"shared_buffers={SHARED_BUFFERS}"]
 
         def start_postmaster() -> ProcessRecord:
             return spawn(self.state.table, "postgres", argv, log, port=port, user=user)

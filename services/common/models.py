@@ -27,9 +27,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# Dimensions that get an HNSW index out of the box: all-MiniLM-L6-v2 (the offline default) and
-# BGE-M3 (the paper's choice). The vector columns are dimension-free so one table holds every
-# collection; each index is a partial expression index over one dimension.
+# Dimensions that get a vector index (IVFFlat on halfvec, migration 0010) out of the box:
+# all-MiniLM-L6-v2 (the offline default) and BGE-M3 (the paper's choice). The vector columns are
+# dimension-free so one table holds every collection; each index is a partial expression index over
+# one dimension.
 INDEXED_DIMENSIONS = (384, 1024)
 
 
@@ -77,7 +78,7 @@ class Document(Base):
 
 class Chunk(Base):
     __tablename__ = "chunks"
-    # The HNSW indexes are partial expression indexes created in the migration (one per dimension).
+    # The vector indexes are partial expression indexes created in the migrations (one per dimension).
     __table_args__ = (
         UniqueConstraint("document_id", "ordinal"),
         Index("ix_chunks_tsv", "tsv", postgresql_using="gin"),

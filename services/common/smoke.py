@@ -28,9 +28,9 @@ from services.common.storage import ObjectStore, sha256_hex
 from services.common.tasks import stage_task, worker_name
 
 SMOKE_COLLECTION = "_smoke"
-SMOKE_DIM = 384  # the dimension of the default embedding model, so its HNSW index is exercised
+SMOKE_DIM = 384  # the dimension of the default embedding model, so its vector index is exercised
 SMOKE_DISTRACTORS = 50
-DISTANCE = f"embedding::vector({SMOKE_DIM}) <=> CAST(:query AS vector({SMOKE_DIM}))"
+DISTANCE = f"embedding::halfvec({SMOKE_DIM}) <=> CAST(:query AS halfvec({SMOKE_DIM}))"
 
 
 def unit_vector(seed: int, dim: int = SMOKE_DIM) -> list[float]:
@@ -79,7 +79,7 @@ def pgvector_roundtrip(probe_id: uuid.UUID) -> dict[str, Any]:
         session.flush()
         nearest = session.execute(
             text(
-                # The same expression as the partial HNSW index, so the planner can use it.
+                # The same expression as the partial IVFFlat index (migration 0010), so the planner can use it.
                 f"SELECT ordinal, {DISTANCE} AS distance FROM chunks "
                 f"WHERE collection_id = :collection AND embedding_dim = {SMOKE_DIM} "
                 f"ORDER BY {DISTANCE} LIMIT 3"
@@ -217,7 +217,7 @@ def run_smoke_check(store: ObjectStore, timeout: float = 60.0) -> list[CheckResu
             found = run.output["pgvector"]
             results.append(
                 CheckResult(
-                    "pgvector: vector stored and found by HNSW/cosine search",
+                    "pgvector: vector stored and found by IVFFlat/cosine search",
                     True,
                     f"nearest of {found['searched_vectors']} at distance {found['nearest_distance']}",
                 )
