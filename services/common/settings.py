@@ -80,13 +80,15 @@ class Settings(BaseSettings):
     # event costs Redis round trips on every hop: off unless a monitor listens.
     task_events: bool = False
 
-    # IVFFlat lists read by a vector search (the indexes have ~sqrt(rows) lists, services/retriever/vector_index.py;
-    # one list, an exact scan, below 10k rows). Each probe reads ~sqrt(rows) vectors, so the cost grows linearly
-    # with probes and recall saturates: on 1M clustered vectors 4 probes give recall@10 0.99 and 8 give 0.999
-    # in a few ms, on 100k 8 give 0.99 (bench/README.md, "Vector search at scale"). HNSW, before migration 0010,
-    # needed ef_search 800 for 0.94 at 1M; IVFFlat's price is that its lists are fitted when it is built, so it is
-    # rebuilt after an ingest run that doubled a table. Searches filtered to a small collection probe further
-    # (iterative scan) until they found their rows, up to `ivfflat_max_probes` lists.
+    # IVFFlat lists read by a vector search (the indexes have ~sqrt(rows) lists, one below 10k rows: an exact
+    # scan; services/retriever/vector_index.py). Each probe reads ~sqrt(rows) vectors, so the cost grows
+    # linearly with probes while recall saturates. On the clustered bench set (bench/README.md, "Vector search
+    # at scale"): 1M vectors, 4 probes 0.99, 8 probes 0.999 at 5-6 ms of Postgres CPU; 100k, 4 probes 0.97-0.99
+    # (from build to build), 8 probes 0.99-0.998. 8 keeps 100k above HNSW's 0.98 with room for real text,
+    # which clusters less cleanly; 4-6 is the cheaper choice for a large collection that needs latency.
+    # HNSW (before migration 0010) reached 0.95 at 1M only at ef_search 1000, its ceiling.
+    # A search filtered to a small collection in a large table probes further (iterative scan) until it found
+    # `limit` rows, up to `ivfflat_max_probes` lists.
     ivfflat_probes: int = Field(default=8, ge=1, le=1000)
     ivfflat_max_probes: int = Field(default=32, ge=1, le=32_768)
 

@@ -1,7 +1,8 @@
 """Vector indexes: partial IVFFlat on embedding::halfvec(N) with sqrt(rows) lists, instead of HNSW on vector(N)
 
-On 1M clustered vectors HNSW (m=16) reached recall@10 0.94 only at ef_search 800 and ~30 ms; IVFFlat on
-halfvec reads a few lists for 0.99 in a few ms (bench/README.md, "Vector search at scale"). The lists are
+On 1M clustered vectors HNSW (m=16) reached recall@10 0.95 only at ef_search 1000 and built in ~11 min;
+IVFFlat on halfvec reads 4-8 lists for 0.99-0.999 at the same latency and builds in ~2.5 min
+(bench/README.md, "Vector search at scale"). The lists are
 sized for the rows present now (one list on an empty database: an exact scan); after each ingest run
 `services.retriever.vector_index.refresh_vector_indexes` rebuilds an index whose table has since doubled.
 The rule is copied here, not imported: a migration stays what it was when it ran.
