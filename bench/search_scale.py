@@ -193,11 +193,11 @@ def timed(search, queries, exact: list[set[int]], backend_pid: int) -> dict:
     }
 
 
-def measure_production(engine, conn: psycopg.Connection, queries: np.ndarray, exact: list[set[int]], probes: int):
+def measure_production(engine, queries: np.ndarray, exact: list[set[int]], probes: int, collection_id: int = 1) -> dict:
     """`vector_ranks` as the retriever calls it (one session, a transaction per question)."""
     os.environ["M2IO_IVFFLAT_PROBES"] = str(probes)
     get_settings.cache_clear()
-    collection = Collection(id=1, name="scale", embedding_model="synthetic", embedding_dim=DIM)
+    collection = Collection(id=collection_id, name="scale", embedding_model="synthetic", embedding_dim=DIM)
     literals = [vector_literal(query) for query in queries]  # made before a question's search, too
     with Session(engine) as session:
 
@@ -211,7 +211,7 @@ def measure_production(engine, conn: psycopg.Connection, queries: np.ndarray, ex
             row[0]
             for row in session.execute(
                 text("EXPLAIN " + vector_search_sql("chunks", DIM)),
-                {"collection": 1, "query": literals[0], "limit": POOL},
+                {"collection": collection_id, "query": literals[0], "limit": POOL},
             )
         )
         session.rollback()
@@ -243,6 +243,30 @@ def measure_variant(
     return {("ef_search" if config.method == "hnsw" else "probes"): beam, **result, "uses_index": VARIANT_INDEX in plan}
 
 
+def small_collection(conn: psycopg.Connection, engine, centres: np.ndarray, queries: np.ndarray, args) -> dict:
+    """A second, small collection in the same table (the case of many collections in one index): its rows
+    join the lists they fall in, and a search filtered to it reads further lists (iterative scan) until
+    it has found LIMIT rows of it, up to `ivfflat_max_probes`. Exact top 10 by numpy over its rows."""
+    rows = args.small_collection
+    if not conn.execute("SELECT 1 FROM collections WHERE id = 2").fetchone():
+        conn.execute(
+            "INSERT INTO collections (name, embedding_model, embedding_dim) VALUES ('small', 'synthetic', 384)"
+        )
+        conn.execute("INSERT INTO documents (collection_id, doc_key, content_sha256, text) VALUES (2, 'd2', '-', '')")
+    if conn.execute("SELECT count(*) FROM chunks WHERE collection_id = 2").fetchone()[0] != rows:
+        conn.execute("DELETE FROM chunks WHERE collection_id = 2")
+        document = conn.execute("SELECT id FROM documents WHERE collection_id = 2").fetchone()[0]
+        load(conn, 2, document, synthetic(centres, rows, seed=10**9), offset=0)
+        conn.execute("ANALYZE chunks")
+    stored = conn.execute("SELECT id, embedding FROM chunks WHERE collection_id = 2 ORDER BY id").fetchall()
+    ids = np.array([row[0] for row in stored])
+    vectors = np.stack([np.asarray(row[1].to_numpy(), dtype=np.float32) for row in stored])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    normed = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = [set(ids[np.argsort(-(vectors @ query))[:10]].tolist()) for query in normed]
+    return {"rows": rows, "runs": [measure_production(engine, queries, exact, probes, 2) for probes in args.probes]}
+
+
 def built_index(conn: psycopg.Connection) -> tuple[str, str] | None:
     row = conn.execute(
         "SELECT indexname, indexdef FROM pg_indexes WHERE indexname = ANY(%s)", (list(ALL_INDEXES),)
@@ -264,6 +288,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--maintenance-work-mem", default="3GB", help="variants' builds")
     parser.add_argument("--parallel-workers", type=int, default=2, help="variants: max_parallel_maintenance_workers")
+    parser.add_argument("--small-collection", type=int, help="production: also time a second collection of N rows")
     parser.add_argument("--db", help="database name (default: a new one); reused when it exists")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database afterwards")
     parser.add_argument("--query-only", action="store_true", help="time the index already built in --db")
@@ -301,7 +326,7 @@ def main() -> None:
                 conn.execute(
                     "INSERT INTO documents (collection_id, doc_key, content_sha256, text) VALUES (1, 'd', '-', '')"
                 )
-            loaded = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            loaded = conn.execute("SELECT count(*) FROM chunks WHERE collection_id = 1").fetchone()[0]
             for size in sorted(args.sizes):
                 if loaded > size:
                     raise SystemExit(f"{database} holds {loaded} chunks, more than {size}: use another --db")
@@ -356,10 +381,12 @@ def main() -> None:
                 conn.execute("SELECT pg_prewarm(%s), pg_prewarm('chunks')", (built[0],))
                 exact = exact_top10(conn, 1, queries, size)
                 if args.index == "production":
-                    entry["runs"] = [measure_production(engine, conn, queries, exact, probes) for probes in args.probes]
+                    entry["runs"] = [measure_production(engine, queries, exact, probes) for probes in args.probes]
                 else:
                     beams = args.ef_search if config.method == "hnsw" else args.probes
                     entry["runs"] = [measure_variant(conn, config, queries, exact, beam) for beam in beams]
+                if args.small_collection and args.index == "production":
+                    entry["small_collection"] = small_collection(conn, engine, centres, queries, args)
                 report["sizes"][str(size)] = entry
                 print(size, json.dumps(entry), flush=True)
     finally:
