@@ -83,12 +83,13 @@ class Settings(BaseSettings):
     # IVFFlat lists read by a vector search (the indexes have ~sqrt(rows) lists, one below 10k rows: an exact
     # scan; services/retriever/vector_index.py). Each probe reads ~sqrt(rows) vectors, so the cost grows
     # linearly with probes while recall saturates. On the clustered bench set (bench/README.md, "Vector search
-    # at scale"): 1M vectors, 4 probes 0.99, 8 probes 0.999 at 5-6 ms of Postgres CPU; 100k, 4 probes 0.97-0.99
-    # (from build to build), 8 probes 0.99-0.998. 8 keeps 100k above HNSW's 0.98 with room for real text,
-    # which clusters less cleanly; 4-6 is the cheaper choice for a large collection that needs latency.
-    # HNSW (before migration 0010) reached 0.95 at 1M only at ef_search 1000, its ceiling.
-    # A search filtered to a small collection in a large table probes further (iterative scan) until it found
-    # `limit` rows, up to `ivfflat_max_probes` lists.
+    # at scale", 3-6 builds each): 1M vectors, 8 probes 0.999-0.9995 at p50 8 ms on a quiet machine (4 probes:
+    # 0.98-0.99 at 4 ms); 100k, 8 probes 0.9885-0.9975, 6 probes 0.9785-0.996 (k-means differs from build to
+    # build). 8 is the fewest that kept 100k above HNSW's 0.98 in every build; 4-6 is the cheaper choice for a
+    # large collection that needs latency. HNSW (before migration 0010) reached 0.95 at 1M only at ef_search
+    # 800-1000, at 9-10 ms. A search filtered to a small collection in a large table reads further lists
+    # (iterative scan) until it found `limit` rows, up to `ivfflat_max_probes` (the planner usually takes the
+    # collection's btree and an exact sort for it instead).
     ivfflat_probes: int = Field(default=8, ge=1, le=1000)
     ivfflat_max_probes: int = Field(default=32, ge=1, le=32_768)
 

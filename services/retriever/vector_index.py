@@ -1,11 +1,11 @@
 """The vector indexes: one partial IVFFlat index per table and indexed dimension, on `embedding::halfvec(N)`.
 
 Why IVFFlat and not HNSW (bench/README.md, "Vector search at scale"; bench/results/search-scale-14.json):
-on 1M clustered 384-d vectors HNSW (m=16, halfvec) found 0.73 of the exact top 10 at ef_search 100 and
-0.95 only at 1000 (pgvector's ceiling), and took ~11 min to build on 2 busy cores; IVFFlat with
-sqrt(rows) lists finds 0.99 reading 4 lists and 0.999 reading 8, at about the same latency, builds in
-~2.5 min and inserts a row by one centroid comparison instead of a graph search. halfvec halves the
-index (790 MB at 1M instead of 1.6 GB) and at 1M also the CPU per search (less memory to stream).
+on 1M clustered 384-d vectors HNSW (m=16) found 0.72 of the exact top 10 at ef_search 100 and 0.95 only
+at 800 (9.5 ms p50 on a quiet machine, ~10 min to build on 2 cores, 2 GB); IVFFlat on halfvec with
+sqrt(rows) lists finds 0.99 reading 4 lists (4.4 ms) and 0.999 reading 8 (8.2 ms), builds in 1.5-2.5 min
+(790 MB) and inserts a row by one centroid comparison instead of a graph search. halfvec halves the index
+and at 1M also the CPU per search (less memory to stream).
 
 The price: IVFFlat clusters the vectors when it is built (k-means into `lists` centroids), and rows
 inserted later only join their nearest list. An index built on an empty database has one list (every
