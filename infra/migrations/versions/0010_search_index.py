@@ -8,7 +8,7 @@ sized for the rows present now (one list on an empty database: an exact scan); a
 The rule is copied here, not imported: a migration stays what it was when it ran.
 
 Revision ID: 0010_search_index
-Revises: 0008 (0009_job_scale once it is on main)
+Revises: 0009_job_scale
 Create Date: 2026-12-02 01:40:00
 """
 
@@ -20,7 +20,7 @@ from alembic import op
 from sqlalchemy import text
 
 revision = "0010_search_index"
-down_revision = "0008"  # 0009_job_scale is not on main yet: the lead relinks it
+down_revision = "0009_job_scale"
 branch_labels = None
 depends_on = None
 
