@@ -3,10 +3,13 @@ machine's cores. `m2io up` uses it for what the user did not set (`--concurrency
 M2IO_TORCH_THREADS win).
 
 Why these numbers (bench/README.md, "Job load"): torch's default, a thread per core in every process, in four
-stage processes on 2 cores halved the throughput; one thread per process, and processes a little over the
-cores, kept the cores busy. Only the retriever embeds at query time (the question, one short text: a thread
-is enough, more threads per process only contend); the other stages read rows, match text and write, and wait
-on Postgres, S3 and Redis part of the time, which the extra processes fill.
+stage processes on 2 cores halved the throughput; one thread per process fills the cores with processes. Only
+the retriever embeds at query time (the question, one short text: a thread is enough); the other stages read
+rows, compare stored vectors and write, and spend much of a task waiting on Postgres, S3 and Redis, which
+more processes fill. Measured on 2 cores, 1,000 questions (issue 14): one process per stage 15.6 questions/s
+(the cores 84% busy), two retrievers and one of each other stage 17.1 (98%), two per stage 18.3 (94%). So
+each answer stage gets a process per core; past `MAX_PROCESSES` per stage, run more workers (on other
+machines) instead: a process holds a model and a few hundred MB. Only 2 cores were measured.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from dataclasses import dataclass
 
 from services.common.queues import PIPELINE, Stage
 
-# Each answer stage's share of the CPU a question takes, in parts: the retriever's embedding and vector search
-# about twice any other stage's work.
-WEIGHTS: dict[Stage, int] = {Stage.RETRIEVER: 2, Stage.GENERATOR: 1, Stage.INSERTER: 1, Stage.MERGER: 1}
+MAX_PROCESSES = 16  # per stage and machine
 # One trainer process whatever the machine: a training run uses every core (and the GPU) by itself.
 TRAINER_PROCESSES = 1
 TORCH_THREADS = 1
@@ -35,18 +36,16 @@ class WorkerPlan:
 
 
 def plan_workers(cores: int) -> WorkerPlan:
-    """Processes per stage and torch threads for `cores` cores: the answer stages' processes add up to the
-    cores and a quarter more (at least one more), shared by `WEIGHTS`, each stage at least one.
+    """Processes per stage and torch threads for `cores` cores: a process per core for each answer stage
+    (at most `MAX_PROCESSES`), one trainer, a torch thread each.
 
     >>> plan_workers(2).processes[Stage.RETRIEVER], plan_workers(2).answer_processes
-    (1, 4)
+    (2, 8)
     >>> {stage.value: n for stage, n in plan_workers(8).processes.items()}
-    {'retriever': 4, 'generator': 2, 'inserter': 2, 'merger': 2, 'trainer': 1}
+    {'retriever': 8, 'generator': 8, 'inserter': 8, 'merger': 8, 'trainer': 1}
     """
-    cores = max(1, cores)
-    total = cores + max(1, cores // 4)
-    parts = sum(WEIGHTS.values())
-    processes = {stage: max(1, round(total * WEIGHTS[stage] / parts)) for stage in PIPELINE}
+    per_stage = min(MAX_PROCESSES, max(1, cores))
+    processes = {stage: per_stage for stage in PIPELINE}
     processes[Stage.TRAINER] = TRAINER_PROCESSES
     return WorkerPlan(processes=processes, torch_threads=TORCH_THREADS)
 

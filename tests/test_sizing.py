@@ -23,30 +23,22 @@ def test_doctests():
 
 @pytest.mark.parametrize(
     ("cores", "expected"),
-    [
-        (1, {"retriever": 1, "generator": 1, "inserter": 1, "merger": 1}),
-        (2, {"retriever": 1, "generator": 1, "inserter": 1, "merger": 1}),
-        (4, {"retriever": 2, "generator": 1, "inserter": 1, "merger": 1}),
-        (8, {"retriever": 4, "generator": 2, "inserter": 2, "merger": 2}),
-        (16, {"retriever": 8, "generator": 4, "inserter": 4, "merger": 4}),
-    ],
+    [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (64, sizing.MAX_PROCESSES)],
 )
 def test_the_plan_of_a_machine(cores, expected):
     plan = plan_workers(cores)
-    assert {stage.value: plan.processes[stage] for stage in PIPELINE} == expected
+    assert {stage.value: plan.processes[stage] for stage in PIPELINE} == {stage.value: expected for stage in PIPELINE}
     assert plan.processes[Stage.TRAINER] == 1
     assert plan.torch_threads == 1  # a thread per process: processes, not threads, fill the cores
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128])
-def test_the_answer_stages_add_up_to_a_little_over_the_cores(cores):
+def test_every_stage_gets_a_process_per_core_up_to_the_cap(cores):
     plan = plan_workers(cores)
     assert set(plan.processes) == set(Stage)
-    assert all(plan.processes[stage] >= 1 for stage in Stage)
-    assert plan.answer_processes >= cores  # every core has work
-    # No more than a quarter over the cores, and one more (rounding), once every stage has its one process.
-    assert plan.answer_processes <= max(len(PIPELINE), cores + cores // 4 + 2)
-    assert plan.processes[Stage.RETRIEVER] >= max(plan.processes[stage] for stage in PIPELINE)
+    assert all(1 <= plan.processes[stage] <= sizing.MAX_PROCESSES for stage in Stage)
+    assert plan.answer_processes >= min(cores, sizing.MAX_PROCESSES) * len(PIPELINE)  # every core has work
+    assert len({plan.processes[stage] for stage in PIPELINE}) == 1
 
 
 def test_zero_or_negative_cores_count_as_one():
@@ -63,7 +55,7 @@ def test_up_uses_the_plan_unless_told(tmp_path, monkeypatch):
     cluster = LocalCluster(Settings(state_dir=tmp_path), start_dashboard=False)
     assert {stage: cluster.processes_of(stage) for stage in Stage} == plan_workers(8).processes
     argv = cluster.worker_argv(Stage.RETRIEVER)
-    assert argv[argv.index("--concurrency") + 1] == "4"
+    assert argv[argv.index("--concurrency") + 1] == "8"
     assert cluster.workers.process_env({})["M2IO_TORCH_THREADS"] == "1"
 
     # Explicit settings win: a concurrency (the option, else M2IO_WORKER_CONCURRENCY) for the answer stages...
