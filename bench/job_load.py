@@ -478,6 +478,8 @@ def run_cluster(
     )
     status = wait_lightly(job_id, stall)
     cpu = meter.stop()
+    memory = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+    looked = status_latency(job_id)
     return summarise(
         status,
         len(questions),
@@ -488,8 +490,43 @@ def run_cluster(
             "pools": worker_pool_sizes(),
             "torch_threads": torch_threads,
             "cpu": cpu,
+            "peak_rss_mb": memory,
+            "status_latency": looked,
         },
     )
+
+
+def peak_rss_mb(pid: int) -> dict[str, float]:
+    """The peak resident memory (VmHWM) of a worker's main process and of its largest pool process, MB."""
+
+    def hwm(one: int) -> float:
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return 0.0
+
+    return {"main": hwm(pid), "largest_pool_process": max((hwm(child) for child in descendants(pid)), default=0.0)}
+
+
+def status_latency(job_id) -> dict[str, float]:
+    """How long the job's status takes once it is done: the read model in this process (median of 3) and
+    `m2io status JOB` as a user runs it (a new process: imports included)."""
+    import statistics
+    import sys
+
+    from services.jobs.status import job_status
+
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        job_status(job_id)
+        times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "services.cli", "status", str(job_id)], capture_output=True, check=False)
+    return {"read_model_s": round(statistics.median(times), 3), "cli_s": round(time.perf_counter() - started, 2)}
 
 
 # ---------------------------------------------------------------- report
