@@ -105,3 +105,23 @@ def write_mramg_corpus(root: Path) -> Path:
     ]
     (root / "doc_toy.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def stored_candidates(store, images: dict[str, bytes]) -> list:
+    """Candidate images of a stored retrieval: each image's bytes in S3 (content-addressed), numbered ids."""
+    from services.common.contracts import CandidateImage
+
+    return [
+        CandidateImage(
+            image_id=number,
+            source_name=name,
+            s3_key=store.put_content(data, "image/png", prefix="images").key,
+            caption=f"caption of {name}",
+            context_before=None,
+            context_after=None,
+            doc_key="doc",
+            score=1.0,
+            reasons=["passage"],
+        )
+        for number, (name, data) in enumerate(images.items())
+    ]

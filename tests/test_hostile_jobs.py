@@ -16,13 +16,13 @@ import uuid
 
 from sqlalchemy import func, select
 
-from services.common.contracts import AnswerBlock, CandidateImage, JobConfig, Retrieval
+from services.common.contracts import AnswerBlock, JobConfig, Retrieval
 from services.common.db import session_scope
 from services.common.models import Answer, Job, Query, StageRun
 from services.common.storage import get_store
 from services.merger.core import to_html, to_markdown
 from tests.conftest import purge_queues
-from tests.corpus_fixtures import png, write_markdown_corpus
+from tests.corpus_fixtures import png, stored_candidates, write_markdown_corpus
 from tests.test_ingest import ingest_in_process
 from tests.test_jobs import QUESTIONS, last_line, m2io, write_questions
 
@@ -139,20 +139,7 @@ def stored_answer(question_id: str, blocks: list[AnswerBlock], images: dict[str,
     the answer's blocks and Markdown in Postgres, its HTML page in S3."""
     store = get_store()
     store.ensure_bucket()
-    candidates = [
-        CandidateImage(
-            image_id=number,
-            source_name=source_name,
-            s3_key=store.put_content(data, "image/png", prefix="images").key,
-            caption=f"caption of {source_name}",
-            context_before=None,
-            context_after=None,
-            doc_key="doc",
-            score=1.0,
-            reasons=["passage"],
-        )
-        for number, (source_name, data) in enumerate(images.items())
-    ]
+    candidates = stored_candidates(store, images)
     question = "How do <b>I</b> fry?"
     with session_scope() as session:
         job = Job(kind="answer", name="stored", config=JobConfig(collection="stored").model_dump(mode="json"))

@@ -18,7 +18,7 @@ from services.client import Client
 from services.common.db import session_scope
 from services.common.models import Answer, EvalRun, Query, StageRun
 from tests.conftest import REPO_ROOT
-from tests.corpus_fixtures import write_markdown_corpus
+from tests.corpus_fixtures import stored_candidates, write_markdown_corpus
 from tests.test_ingest import ingest_in_process
 
 PIPELINE = ("retriever", "generator", "inserter", "merger")
@@ -565,7 +565,6 @@ def stored_job_of_answers(blocks_of: dict[str, list | None], images: dict[str, b
     for None, failed. Lines 1, 4, 7... also get a text answer and a plan when answered."""
     from services.common.contracts import (
         AnswerBlock,
-        CandidateImage,
         InsertionPlan,
         JobConfig,
         Placement,
@@ -578,20 +577,7 @@ def stored_job_of_answers(blocks_of: dict[str, list | None], images: dict[str, b
 
     store = get_store()
     store.ensure_bucket()
-    candidates = [
-        CandidateImage(
-            image_id=number,
-            source_name=name,
-            s3_key=store.put_content(data, "image/png", prefix="images").key,
-            caption=f"caption of {name}",
-            context_before=None,
-            context_after=None,
-            doc_key="doc",
-            score=1.0,
-            reasons=["passage"],
-        )
-        for number, (name, data) in enumerate(images.items())
-    ]
+    candidates = stored_candidates(store, images)
     with session_scope() as session:
         job = Job(kind="answer", name="streamed", config=JobConfig(collection="stored").model_dump(mode="json"))
         session.add(job)
