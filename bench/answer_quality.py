@@ -41,7 +41,8 @@ from services.common.vectors import QueryVectors
 from services.generator.core import extractive_answer, generate
 from services.inserter.core import insert, rule_plan, source_plan
 from services.jobs.evaluate import section_hit
-from services.retriever.search import SECTION_DOCUMENTS, UnknownCollection, get_collection, load_documents, retrieve
+from services.retriever.search import UnknownCollection, get_collection, retrieve
+from services.retriever.section_search import SECTION_DOCUMENTS, load_documents
 from services.retriever.sections import answer_units, section_body
 
 PIPELINES = ("section+rule", "section+top-first", "best-section", "previous")
