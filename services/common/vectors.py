@@ -46,6 +46,11 @@ def image_texts(caption: str | None, before: str | None, after: str | None, imag
     return [last_sentence(before), first_sentence(after), (caption or "").strip(), (image_text or "").strip()]
 
 
+def candidate_texts(candidate: CandidateImage) -> list[str]:
+    """A candidate's four compared texts (`image_texts`), as its stored vectors were made from them."""
+    return image_texts(candidate.caption, candidate.context_before, candidate.context_after, candidate.image_text)
+
+
 class TextEmbeddings:
     """A batch of texts, each distinct text embedded once (a sentence an image stood next to is also
     a unit). With `blank_is_zero` an empty text gets a zero vector (no evidence) and is not embedded."""
@@ -165,9 +170,7 @@ class QueryVectors:
             if self.embedder is None:
                 raise ValueError(f"{len(missing)} images need vectors and no embedder was given")
             batch = TextEmbeddings(self.embedder)
-            texts = {
-                c.image_id: image_texts(c.caption, c.context_before, c.context_after, c.image_text) for c in missing
-            }
+            texts = {c.image_id: candidate_texts(c) for c in missing}
             for four in texts.values():
                 batch.want(four)
             self.embedded += batch.encode()

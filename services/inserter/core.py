@@ -28,8 +28,7 @@ import numpy as np
 
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement
 from services.common.embedding import Embedder
-from services.common.text import first_sentence, last_sentence
-from services.common.vectors import QueryVectors, query_vectors
+from services.common.vectors import QueryVectors, candidate_texts, query_vectors
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
@@ -61,10 +60,10 @@ def rule_plan(
     if not units or not candidates:
         return []
     vectors = query_vectors(vectors)
-    befores = [last_sentence(c.context_before) for c in candidates]
-    afters = [first_sentence(c.context_after) for c in candidates]
-    captions = [c.caption or "" for c in candidates]
-    image_texts = [c.image_text or "" for c in candidates]
+    # the texts the stored vectors were made from: the evidence that exists is the evidence compared
+    texts = [candidate_texts(c) for c in candidates]
+    befores, afters = [t[0] for t in texts], [t[1] for t in texts]
+    captions, image_texts = [t[2] for t in texts], [t[3] for t in texts]
     unit_v = vectors.of_units(units)
     stored = vectors.of_images(candidates)
     before_v, after_v, caption_v, image_text_v = stored.before, stored.after, stored.caption, stored.image_text
@@ -169,8 +168,8 @@ def same_place_plan(
     a page repeats another's paragraph with its screenshot. Evidence "context"."""
     if not units or not candidates:
         return []
-    befores = [last_sentence(c.context_before) for c in candidates]
-    afters = [first_sentence(c.context_after) for c in candidates]
+    texts = [candidate_texts(c) for c in candidates]
+    befores, afters = [t[0] for t in texts], [t[1] for t in texts]
     vectors = query_vectors(vectors)
     # Units an extractive answer adds of its own (the line saying where a cut answer continues) stood
     # nowhere: they keep a zero vector, and no image goes next to them by context.
