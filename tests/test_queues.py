@@ -95,6 +95,23 @@ def test_stage_outputs_decode_each_stored_output_as_its_contract():
         StageOutputs.from_rows([("generator", {"units": "not a list", "backend": "x"})])
 
 
+def test_stage_outputs_read_the_stored_json_text_a_stage_writes():
+    """A stage's output travels as pydantic's JSON text (written by `model_dump_json`, read back from the
+    attempt's row as text): the round trip gives the same contract, and a bad text is an error too."""
+    from services.common.contracts import AnswerUnit, TextAnswer
+    from services.common.stage_runs import StageOutputs
+
+    answer = TextAnswer(
+        units=[AnswerUnit(text="Fold the egg whites in."), AnswerUnit(text='Bake "25" min.')], backend="x"
+    )
+    outputs = StageOutputs.from_rows([("generator", answer.model_dump_json())])
+    assert outputs.answer == answer
+    with pytest.raises(ValueError):
+        StageOutputs.from_rows([("generator", '{"units": "not a list", "backend": "x"}')])
+    with pytest.raises(ValueError):
+        StageOutputs.from_rows([("generator", "{not json")])
+
+
 def test_job_config_is_validated_once_with_readable_errors():
     from services.common.contracts import JobConfig
     from services.jobs.commands import JobError, job_config
@@ -109,3 +126,25 @@ def test_job_config_is_validated_once_with_readable_errors():
         job_config("")
     with pytest.raises(ValueError):  # unknown fields are refused: a typo in a producer must not pass
         JobConfig.model_validate({"collection": "c", "top_kk": 3})
+
+
+def test_celerys_per_task_lines_are_quiet_unless_asked_for(tmp_path):
+    """The two INFO lines Celery logs per task repeat what the stage runs record; M2IO_TASK_LOG_LINES keeps them."""
+    import logging
+
+    from services.common.celery_app import TASK_LINE_LOGGERS, quiet_task_lines
+    from services.common.settings import Settings
+
+    loggers = [logging.getLogger(name) for name in TASK_LINE_LOGGERS]
+    before = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
+        quiet_task_lines(Settings(state_dir=tmp_path, task_log_lines=True))
+        assert [logger.level for logger in loggers] == [logging.NOTSET] * len(loggers)
+        quiet_task_lines(Settings(state_dir=tmp_path))
+        assert [logger.level for logger in loggers] == [logging.WARNING] * len(loggers)
+        assert not loggers[1].isEnabledFor(logging.INFO) and loggers[1].isEnabledFor(logging.ERROR)
+    finally:
+        for logger, level in zip(loggers, before, strict=True):
+            logger.setLevel(level)

@@ -201,6 +201,19 @@ def start_heartbeat(sender=None, conf=None, options=None, **_) -> None:
     stages = [stage for stage in Stage if stage.queue in queues]
     LIFE = WorkerLife(name=str(sender), settings=settings, stages=stages, processes=int(processes))
     LIFE.start()
+    quiet_task_lines(settings)
+
+
+# The loggers of Celery's per-task INFO lines: "Received task" (the consumer's strategy) and "Task … succeeded"
+# (the tracer, in the pool process; the level set here is inherited by the processes forked after it).
+TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def quiet_task_lines(settings: Settings) -> None:
+    """Unless `M2IO_TASK_LOG_LINES` asks for them, drop the two INFO lines per task (warnings and errors stay)."""
+    if not settings.task_log_lines:
+        for name in TASK_LINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_shutdown.connect

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # monitor such as Flower. m2io reads state from Postgres (stage runs), not from events, and each
     # event costs Redis round trips on every hop: off unless a monitor listens.
     task_events: bool = False
+    # Celery's two log lines per task ("received" in the worker, "succeeded in …s" in its pool process): the
+    # stage runs record the same with timestamps, and at ~30 questions/s they are ~240 lines/s of worker
+    # logs. Off by default; failures, retries' errors and everything else of the workers are still logged.
+    task_log_lines: bool = False
 
     # IVFFlat lists read by a vector search (the indexes have ~sqrt(rows) lists, one below 10k rows: an exact
     # scan; services/retriever/vector_index.py). Each probe reads ~sqrt(rows) vectors, so the cost grows

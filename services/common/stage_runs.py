@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, text, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from services.common.contracts import InsertionPlan, JobConfig, MergeOutput, Retrieval, TextAnswer
@@ -58,7 +57,9 @@ class Attempt:
     question: str
     collection: str | None  # the question's own
     config: dict[str, Any]  # the job's, as stored (a smoke probe's is no JobConfig)
-    succeeded: tuple[tuple[str, dict[str, Any]], ...]  # (stage, output) of the stages done, as stored
+    # (stage, output) of the stages done, the output as its stored JSON text (parsed by pydantic's own JSON
+    # parser when a stage reads it: a Retrieval is some 30 KB, and each later stage reads it)
+    succeeded: tuple[tuple[str, str], ...]
 
     def context(self) -> QueryContext:
         return context_of(self.question, self.collection, self.config)
@@ -113,13 +114,15 @@ def begin_attempt(query_id: uuid.UUID, stage: str, worker: str) -> Attempt | Non
 BEGIN_READ = text(
     "SELECT set_config('synchronous_commit', 'off', true) AS commit_mode, q.status, q.question, q.collection, "
     "j.config, (SELECT coalesce(jsonb_agg(jsonb_build_array(r.stage, r.status, r.attempt, "
-    "CASE WHEN r.status = 'succeeded' THEN r.output END) ORDER BY r.id), '[]'::jsonb) "
+    "CASE WHEN r.status = 'succeeded' THEN r.output::text END) ORDER BY r.id), '[]'::jsonb) "
     "FROM stage_runs r WHERE r.query_id = q.id) AS runs "
     "FROM queries q JOIN jobs j ON j.id = q.job_id WHERE q.id = :id FOR UPDATE OF q"
 )
+# The output arrives as JSON text (pydantic's `model_dump_json`): Postgres parses it, not Python's json module.
 SUCCEED = text(
-    "UPDATE stage_runs SET status = 'succeeded', finished_at = :finished, output = :output, error = NULL WHERE id = :id"
-).bindparams(bindparam("output", type_=JSONB))
+    "UPDATE stage_runs SET status = 'succeeded', finished_at = :finished, output = CAST(:output AS jsonb), "
+    "error = NULL WHERE id = :id"
+)
 # The new attempt, and the query running if it was only queued.
 BEGIN_WRITE = text(
     "WITH started AS (UPDATE queries SET status = 'running', updated_at = now() "
@@ -129,11 +132,13 @@ BEGIN_WRITE = text(
 )
 
 
-def succeed_attempt(run_id: int, output: dict[str, Any]) -> bool:
-    """Mark the attempt succeeded; False when another attempt of the same stage won the race."""
+def succeed_attempt(run_id: int, output: str | dict[str, Any]) -> bool:
+    """Mark the attempt succeeded with its output (JSON text, or a dict to be written as JSON); False when
+    another attempt of the same stage won the race."""
+    stored = output if isinstance(output, str) else json.dumps(output)
     try:
         with session_scope() as session:
-            marked = session.execute(SUCCEED, {"id": run_id, "finished": now(), "output": output}).rowcount
+            marked = session.execute(SUCCEED, {"id": run_id, "finished": now(), "output": stored}).rowcount
             if marked != 1:
                 raise AttemptLost(f"stage run {run_id} is not recorded (Postgres restarted since it began)")
     except IntegrityError:
@@ -220,12 +225,15 @@ class StageOutputs:
     merged: MergeOutput | None = None
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[str, dict[str, Any]]]) -> StageOutputs:
-        """From (stage, output) pairs of succeeded stage runs."""
+    def from_rows(cls, rows: Iterable[tuple[str, str | dict[str, Any]]]) -> StageOutputs:
+        """From (stage, output) pairs of succeeded stage runs, the output as JSON text or as decoded JSON."""
         found = {}
         for stage, output in rows:
             entry = answer_stage(stage)
-            found[entry.field] = entry.output.model_validate(output)
+            if isinstance(output, str):
+                found[entry.field] = entry.output.model_validate_json(output)
+            else:
+                found[entry.field] = entry.output.model_validate(output)
         return cls(**found)
 
     def has(self, stage: Stage) -> bool:

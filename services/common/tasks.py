@@ -119,17 +119,18 @@ def stage_task(
     operation: str,
     contract: type[Contract],
     then: Callable[[Any], None] | None = None,
-) -> Callable[[Callable[[Any, Task], dict[str, Any]]], Task]:
+) -> Callable[[Callable[[Any, Task], str | dict[str, Any]]], Task]:
     """A `queue_task` on one query of a job: the payload carries `query_id`, and each attempt is
     recorded as a stage run of that query (start, end, worker, error).
 
+    `work` returns the stage's output: JSON text, or a dict to be stored as JSON.
     A permanent error marks the query failed with a readable message and is acknowledged (the job
     goes on). After success, `then(payload)` enqueues the next hop. A redelivered message whose
     stage already succeeded skips `work` but calls `then` again: the first delivery may have died
     between storing its output and enqueueing the next stage, and the next stage is idempotent.
     """
 
-    def decorate(work: Callable[[Any, Task], dict[str, Any]]) -> Task:
+    def decorate(work: Callable[[Any, Task], str | dict[str, Any]]) -> Task:
         def attempt_stage(payload: Any, task: Task) -> dict[str, Any]:
             try:
                 attempt = begin_attempt(payload.query_id, stage.value, worker_name(task))
@@ -178,11 +179,11 @@ def answer_task(
         then = send_to(ANSWER_TASKS[following])
 
     def decorate(work: Callable[[QueryRef, Task], Any]) -> Task:
-        def run_stage(ref: QueryRef, task: Task) -> dict[str, Any]:
+        def run_stage(ref: QueryRef, task: Task) -> str:
             output = work(ref, task)
             if not isinstance(output, entry.output):
                 raise TypeError(f"{entry.task} returned {type(output).__name__}, not {entry.output.__name__}")
-            return output.model_dump(mode="json")
+            return output.model_dump_json()  # pydantic's serialiser; stored as it is (stage_runs.SUCCEED)
 
         run_stage.__name__ = work.__name__
         return stage_task(stage, entry.operation, QueryRef, then=then)(run_stage)
