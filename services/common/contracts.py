@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Contract(BaseModel):
@@ -41,13 +41,29 @@ class JobConfig(Contract):
     """What a job asks of every stage, validated once at submit (`services.jobs.commands`) and stored
     with the job; each stage reads it with `model_validate`, none with a default of its own."""
 
-    collection: str = Field(min_length=1, max_length=200)  # a question's own `collection` overrides it
+    # One collection to answer from, or several for the router to choose among per question
+    # (services/retriever/routing.py); a question's own `collection` pins it to that one.
+    collection: str | None = Field(default=None, min_length=1, max_length=200)
+    collections: tuple[str, ...] = Field(default=(), max_length=100)
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=100)
     candidates: int = Field(default=DEFAULT_CANDIDATES, ge=1, le=100)
     # backend specs: "extractive" | "local[:model]" | "openai[:model]"; "rule" | "llm[:model]" | "checkpoint:<name>".
     # None until submit fills in the settings' defaults (M2IO_GENERATOR_BACKEND, M2IO_INSERTER_BACKEND).
     generator: str | None = Field(default=None, min_length=1)
     inserter: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def names_a_collection(self) -> JobConfig:
+        if not self.collection and not self.collections:
+            raise ValueError("name a collection to answer from (or several)")
+        if any(not name.strip() for name in self.collections):
+            raise ValueError("a collection name is empty")
+        return self
+
+    @property
+    def searched(self) -> list[str]:
+        """The collections a question of this job may be answered from (the router's choice when several)."""
+        return list(dict.fromkeys(self.collections)) if self.collections else [self.collection]
 
     def with_defaults(self, generator: str, inserter: str) -> JobConfig:
         """The config with unset backends filled in (jobs stored before backends were always set have none)."""
@@ -84,6 +100,8 @@ class Passage(BaseModel):
     score: float
     vector_rank: int | None = None  # 1-based rank in the vector search, None if not found there
     text_rank: int | None = None  # 1-based rank in the full-text search
+    dense: float | None = None  # cosine similarity of the passage's vector to the question's
+    text_score: float | None = None  # its full-text rank value (ts_rank_cd), when the full-text search found it
     first_unit: int | None = None  # the document units it holds (None: indexed before units were kept)
     last_unit: int | None = None
     units: list[AnswerUnit] = []  # its units with provenance (headings left out), when its document keeps them
@@ -121,6 +139,47 @@ class SourceSection(BaseModel):
     evidence: dict[str, float] = {}  # heading similarity, passage support, full-text rank ...
 
 
+class RejectedPassage(BaseModel):
+    """A retrieved passage that the point-wise filter dropped before generation, and why."""
+
+    chunk_id: int
+    doc_key: str
+    heading: str | None = None
+    dense: float | None = None
+    text_rank: int | None = None
+    reason: str
+
+
+class CollectionScore(BaseModel):
+    """One collection as the router saw it for a question: the cheap evidence and the score it made."""
+
+    name: str
+    dense: float  # the best chunk's cosine similarity to the question (the dense probe)
+    text_hits: int  # chunks the full-text probe found (up to the probe's depth)
+    centroid: float | None = None  # cosine of the question to the collection's mean chunk vector
+    score: float
+
+
+class RoutingStep(BaseModel):
+    """One retrieval the router made: the text searched, where, what came back, and why it was made."""
+
+    query: str
+    collections: list[str]
+    best: float  # the best collection's score on this step
+    reason: str
+
+
+class Routing(BaseModel):
+    """Which collections a question was answered from, among which, and the steps that decided it."""
+
+    considered: list[CollectionScore]
+    chosen: list[str]
+    steps: list[RoutingStep]
+    answerable: bool = True  # False: no collection holds an answer (the answer says so, with no images)
+    reason: str | None = None
+    seconds: float = 0.0
+
+
 class Retrieval(BaseModel):
     """The retriever's output for one question: what the generator and the inserter work from."""
 
@@ -133,6 +192,8 @@ class Retrieval(BaseModel):
     # embedded at query time: the question alone when the collection's vectors are stored.
     question_vector: list[float] | None = None
     embedded: int = 0
+    routing: Routing | None = None  # set when the job names several collections (or to say none answers)
+    rejected: list[RejectedPassage] = []  # passages the point-wise filter dropped, with why
 
 
 class StagedImage(Contract):
@@ -201,8 +262,16 @@ class Placement(BaseModel):
     similarity: float | None = None
 
 
+class RejectedImage(BaseModel):
+    """A candidate image the inserter did not place, and why (in words an operator can check)."""
+
+    image: str  # source name
+    reason: str
+
+
 class InsertionPlan(BaseModel):
     placements: list[Placement]
+    rejected: list[RejectedImage] = []  # candidates not placed, with why
     backend: str
     seconds: float = 0.0
     fallback_reason: str | None = None  # set when an LM's output was unusable and `rule` answered
