@@ -271,7 +271,7 @@ class Client:
     def submit(
         self,
         questions: str | Path | Iterable[dict[str, Any]] | list[QuestionLine],
-        config: JobConfig | str,
+        config: JobConfig | str | list[str],
         *,
         generator: str | None = None,
         inserter: str | None = None,
@@ -281,8 +281,9 @@ class Client:
     ) -> uuid.UUID:
         """Submit a job: a questions .jsonl path (read as a stream), or question dicts (`id`, `question`, gold fields).
 
-        `config` is a `JobConfig`, or a collection name with the other options as keywords."""
-        if isinstance(config, str):
+        `config` is a `JobConfig`, or a collection name (a list of names, or `all`: the router chooses per
+        question) with the other options as keywords."""
+        if isinstance(config, str | list | tuple):
             config = commands.job_config(
                 config, generator=generator, inserter=inserter, top_k=top_k, candidates=candidates
             )

@@ -90,7 +90,8 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
     table = jobs.dataframe[0].value
     row = table[table["id"] == str(job_id)].iloc[0]
     assert row["progress"] == 1.0 and "succeeded" in row["state"] and row["merger"] == 2
-    assert jobs.get_by_key("submit-collection") is not None and name in jobs.selectbox(key="submit-collection").options
+    assert jobs.get_by_key("submit-collection") is not None
+    assert name in jobs.multiselect(key="submit-collection").options
     jobs.selectbox(key="action-job").set_value(str(job_id))
     jobs.button(key="retry").click().run()
     assert not jobs.exception and "nothing to retry" in jobs.success[0].value

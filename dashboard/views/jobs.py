@@ -49,7 +49,13 @@ def submit_form() -> None:
         st.markdown("**Submit a job**")
         if not collections:
             st.info("No collection yet: ingest a corpus on the Collections page first.")
-        collection = st.selectbox("Collection", collections, key="submit-collection")
+        chosen = st.multiselect(
+            "Collections",
+            collections,
+            default=collections[:1],
+            key="submit-collection",
+            help="several: the router chooses per question among them (a question's own `collection` pins it)",
+        )
         upload = st.file_uploader("Questions (JSONL: `id`, `question`, optional gold fields)", type=["jsonl", "json"])
         left, right, third = st.columns(3)
         generator = left.text_input("Generator", value="extractive", help=" | ".join(GENERATOR_BACKENDS) + " (:model)")
@@ -59,13 +65,13 @@ def submit_form() -> None:
         sent = st.form_submit_button("Submit")
     if not sent:
         return
-    if upload is None or not collection:
+    if upload is None or not chosen:
         st.error("Choose a collection and a questions file.")
         return
     questions = parse_lines(upload.getvalue().splitlines())
     try:
         config = job_config(
-            collection, generator=generator.strip() or None, inserter=inserter.strip() or None, top_k=int(top_k)
+            chosen, generator=generator.strip() or None, inserter=inserter.strip() or None, top_k=int(top_k)
         )
         job_id = client().submit(questions, config, name=name.strip() or upload.name)
     except JobError as error:

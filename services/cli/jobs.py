@@ -37,7 +37,10 @@ def submit(
     questions: Annotated[
         Path, typer.Argument(help="questions .jsonl: `id` and `question` per line, gold fields optional")
     ],
-    collection: Annotated[str, typer.Option(help="the collection to answer from")],
+    collection: Annotated[
+        list[str],
+        typer.Option(help="the collection to answer from; repeat for several (routed per question), or `all`"),
+    ],
     generator: GeneratorOpt = None,
     inserter: InserterOpt = None,
     top_k: TopKOpt = None,
@@ -151,6 +154,9 @@ def print_status(found) -> None:
             seconds(stage.wait_p50_s),
         )
     console.print(table)
+    if found.routing is not None:
+        chosen = ", ".join(f"{name}: {count}" for name, count in found.routing.items()) or "nothing routed yet"
+        console.print(f"routing (answered from): {chosen}; {found.follow_ups or 0} took a follow-up retrieval")
     waiting = [f"{stage.stage} ({stage.waiting})" for stage in found.stages if stage.waiting]
     if waiting:
         console.print(
@@ -235,7 +241,9 @@ def evaluate(
     questions: Annotated[
         Path | None, typer.Argument(help="questions .jsonl with gold fields (omit with --job)")
     ] = None,
-    collection: Annotated[str | None, typer.Option(help="the collection to answer from")] = None,
+    collection: Annotated[
+        list[str] | None, typer.Option(help="the collection(s) to answer from: repeat for several, or `all`")
+    ] = None,
     generator: Annotated[list[str] | None, typer.Option(help="generator backend(s); repeat to compare")] = None,
     inserter: Annotated[list[str] | None, typer.Option(help="inserter backend(s); repeat to compare")] = None,
     top_k: TopKOpt = None,
@@ -252,7 +260,7 @@ def evaluate(
     client = Client()
     job_ids: list[str] = list(job or [])
     if not job_ids:
-        if questions is None or collection is None:
+        if questions is None or not collection:
             raise fail("give QUESTIONS.jsonl and --collection, or --job JOB")
         for gen in generator or [None]:
             for ins in inserter or [None]:

@@ -297,7 +297,7 @@ class QueryContext:
     """What a stage needs to know of its query besides the earlier stages' outputs."""
 
     question: str
-    collection: str  # the question's own collection, else the job's
+    collection: str | None  # the question's own collection, else the job's one; None: the router chooses
     config: JobConfig  # backends filled in from the settings for jobs stored without them
 
 
@@ -315,7 +315,10 @@ def query_context(query_id: uuid.UUID) -> QueryContext:
 
 def context_of(question: str, collection: str | None, raw_config: dict[str, Any]) -> QueryContext:
     config = with_default_backends(JobConfig.model_validate(raw_config))
-    return QueryContext(question=question, collection=collection or config.collection, config=config)
+    searched = config.searched
+    return QueryContext(
+        question=question, collection=collection or (searched[0] if len(searched) == 1 else None), config=config
+    )
 
 
 def with_default_backends(config: JobConfig) -> JobConfig:

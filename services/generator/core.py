@@ -234,9 +234,23 @@ def split_answer(text: str) -> list[AnswerUnit]:
     return [AnswerUnit(text=unit.text, kind=unit.kind) for unit in parse_markdown(text).units]
 
 
+def no_answer(retrieval: Retrieval, backend: str) -> TextAnswer:
+    """The answer when the router found that no collection holds one: it says so, in one sentence, and
+    no backend is asked to write from passages that do not answer (it would invent)."""
+    searched = ", ".join(score.name for score in retrieval.routing.considered)
+    return TextAnswer(
+        units=[AnswerUnit(text=f"None of the collections searched ({searched}) holds an answer to this question.")],
+        backend=backend,
+        mode="none",
+        reason=retrieval.routing.reason,
+    )
+
+
 def generate(retrieval: Retrieval, backend: str, vectors: QueryVectors | Embedder | None) -> TextAnswer:
     """The text answer. `vectors` gives the stored vectors (an Embedder: embed what is needed now)."""
     started = time.perf_counter()
+    if retrieval.routing is not None and not retrieval.routing.answerable:
+        return no_answer(retrieval, backend)
     vectors = query_vectors(vectors)
     match backend.split(":", 1)[0]:
         case "extractive":

@@ -13,7 +13,7 @@ from sqlalchemy import insert, select, update
 
 from services.common.contracts import JobConfig
 from services.common.db import session_scope
-from services.common.models import Collection, Job, Query, StageRun
+from services.common.models import Collection, Document, Job, Query, StageRun
 from services.common.queues import ANSWER_TASKS, PIPELINE, Stage
 from services.common.stage_runs import now, with_default_backends
 from services.generator.core import BACKENDS as GENERATOR_BACKENDS
@@ -56,8 +56,11 @@ def check_collection(session, name: str) -> Collection:
     return collection
 
 
+ALL_COLLECTIONS = "all"  # `--collection all`: every collection that holds documents, the router choosing
+
+
 def job_config(
-    collection: str,
+    collection: str | Iterable[str],
     *,
     generator: str | None = None,
     inserter: str | None = None,
@@ -65,19 +68,59 @@ def job_config(
     candidates: int | None = None,
 ) -> JobConfig:
     """A `JobConfig` from a user's options (unset ones keep the contract's defaults), or a JobError that
-    says which option is wrong and what it takes."""
+    says which option is wrong and what it takes. `collection`: one name, or several (the router chooses
+    per question), or `all`; submit checks them against the collections there are."""
     if top_k is not None and not 1 <= top_k <= 100:
         raise JobError(f"top_k={top_k}: use 1..100")
     if candidates is not None and not 1 <= candidates <= 100:
         raise JobError(f"candidates={candidates}: use 1..100")
-    if not collection.strip():
+    names = [collection] if isinstance(collection, str) else list(collection)
+    if not names or any(not name.strip() for name in names):
         raise JobError("the collection name is empty: name the collection to answer from (`m2io ingest` made it)")
+    names = list(dict.fromkeys(name.strip() for name in names))
+    where = {"collection": names[0]} if len(names) == 1 and names[0] != ALL_COLLECTIONS else {"collections": names}
     given = {"generator": generator, "inserter": inserter, "top_k": top_k, "candidates": candidates}
     try:
-        return JobConfig(collection=collection, **{key: value for key, value in given.items() if value is not None})
+        return JobConfig(**where, **{key: value for key, value in given.items() if value is not None})
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise JobError(f"invalid job options: {problems}") from error
+
+
+def resolve_collections(session, config: JobConfig) -> tuple[JobConfig, Collection | None]:
+    """The config with its collections checked (and `all` expanded), and the job's one collection if it has
+    one. Refused up front, with the list of collections: an unknown name, a collection with no documents
+    among several, several collections of different embedding models (one question vector must serve all)."""
+    names = config.searched
+    rows = session.execute(select(Collection).order_by(Collection.name)).scalars().all()
+    filled = set(session.scalars(select(Document.collection_id).distinct()).all())
+    listing = ", ".join(f"{c.name}{'' if c.id in filled else ' (empty)'}" for c in rows)
+    listing = listing or "none yet: run `m2io ingest` first"
+    if ALL_COLLECTIONS in names:
+        if len(names) > 1:
+            raise JobError(f"`{ALL_COLLECTIONS}` stands alone: it means every collection (collections: {listing})")
+        chosen = [c for c in rows if c.id in filled]
+        if not chosen:
+            raise JobError(f"no collection holds documents (collections: {listing})")
+    else:
+        by_name = {c.name: c for c in rows}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise JobError(f"no collection named {', '.join(map(repr, unknown))} (collections: {listing})")
+        chosen = [by_name[name] for name in names]
+        empty = [c.name for c in chosen if c.id not in filled]
+        if empty and len(chosen) > 1:
+            raise JobError(f"collection {', '.join(map(repr, empty))} holds no documents (collections: {listing})")
+    models = {c.embedding_model for c in chosen}
+    if len(models) > 1:
+        raise JobError(
+            "the collections use different embedding models ("
+            + ", ".join(f"{c.name}: {c.embedding_model}" for c in chosen)
+            + "): one job routes among collections of one model"
+        )
+    if len(chosen) == 1:
+        return config.model_copy(update={"collection": chosen[0].name, "collections": ()}), chosen[0]
+    return config.model_copy(update={"collection": None, "collections": tuple(c.name for c in chosen)}), None
 
 
 def check_backend_works(kind: str, backend: str | None) -> None:
@@ -170,11 +213,11 @@ def submit_job(
     config = validate_config(config)
     runnable: list[uuid.UUID] = []
     with session_scope() as session:
-        stored = check_collection(session, config.collection)
+        config, stored = resolve_collections(session, config)
         job = Job(
             kind="answer",
             name=storable(name) if name else None,
-            collection_id=stored.id,
+            collection_id=stored.id if stored else None,
             config=config.model_dump(mode="json"),
         )
         session.add(job)

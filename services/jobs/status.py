@@ -83,6 +83,10 @@ class JobStatus(BaseModel):
     questions_per_s: float | None = None
     end_to_end_p50_s: float | None = None
     end_to_end_p99_s: float | None = None
+    # jobs over several collections: answered questions per chosen collection ("(none)": no collection
+    # answers), and how many took a follow-up retrieval
+    routing: dict[str, int] | None = None
+    follow_ups: int | None = None
 
     @property
     def done(self) -> bool:
@@ -123,7 +127,9 @@ def job_status(job_id: str | uuid.UUID, *, detail: bool = True, failure_limit: i
         job = session.get(Job, job_id)
         if job is None:
             raise UnknownJob(f"no job {job_id}")
+        config = JobConfig.model_validate(job.config or {})
         collection = session.get(Collection, job.collection_id).name if job.collection_id else None
+        collection = collection or ", ".join(config.searched)
         counts = dict(
             session.execute(
                 select(Query.status, func.count()).where(Query.job_id == job_id).group_by(Query.status)
@@ -137,7 +143,7 @@ def job_status(job_id: str | uuid.UUID, *, detail: bool = True, failure_limit: i
             id=job.id,
             name=job.name,
             state=job_state(counts, total, job.cancelled_at is not None),
-            config=JobConfig.model_validate(job.config or {}),
+            config=config,
             collection=collection,
             created_at=job.created_at,
             cancelled_at=job.cancelled_at,
@@ -154,6 +160,8 @@ def job_status(job_id: str | uuid.UUID, *, detail: bool = True, failure_limit: i
         if not detail:
             return status
         summaries, running, latency = stage_aggregates(session, job_id)
+        if len(config.searched) > 1:
+            status.routing, status.follow_ups = routing_counts(session, job_id)
         status.failures = failed_queries(session, job_id, failure_limit)
     if running:
         gone = worker_gone()
@@ -165,6 +173,21 @@ def job_status(job_id: str | uuid.UUID, *, detail: bool = True, failure_limit: i
     status.stages = list(summaries.values())
     status.end_to_end_p50_s, status.end_to_end_p99_s = latency
     return status
+
+
+# Jobs over several collections: the router's choices, from the retriever's stored outputs, in SQL.
+ROUTING_COUNTS = text(
+    "SELECT coalesce(r.output->'routing'->'chosen'->>0, '(none)') AS chosen, count(*) AS questions, "
+    "count(*) FILTER (WHERE jsonb_array_length(r.output->'routing'->'steps') > 1) AS follow_ups "
+    "FROM stage_runs r JOIN queries q ON q.id = r.query_id "
+    "WHERE q.job_id = :job_id AND r.stage = 'retriever' AND r.status = 'succeeded' "
+    "AND jsonb_typeof(r.output->'routing') = 'object' GROUP BY 1 ORDER BY 2 DESC, 1"
+)
+
+
+def routing_counts(session, job_id: uuid.UUID) -> tuple[dict[str, int], int]:
+    rows = session.execute(ROUTING_COUNTS, {"job_id": job_id}).all()
+    return {row.chosen: row.questions for row in rows}, sum(row.follow_ups for row in rows)
 
 
 def seconds_of(value) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -58,6 +59,16 @@ def vector_search_sql(table: str, dim: int) -> str:
 
 
 def vector_ranks(session: Session, table: str, collection: Collection, query_vector: str, limit: int) -> list[int]:
+    use_search_settings(session)
+    rows = session.execute(
+        text(vector_search_sql(table, collection.embedding_dim)),
+        {"collection": collection.id, "query": query_vector, "limit": limit},
+    ).all()
+    return [row.id for row in rows]
+
+
+def use_search_settings(session: Session) -> None:
+    """The IVFFlat settings of every vector search, for this transaction."""
     settings = get_settings()
     # One round trip for the transaction's settings. Iterative scans read further lists while fewer
     # than `limit` rows of the collection were found, up to max_probes (a small collection in a large table).
@@ -68,11 +79,6 @@ def vector_ranks(session: Session, table: str, collection: Collection, query_vec
         ),
         {"probes": str(settings.ivfflat_probes), "max_probes": str(settings.ivfflat_max_probes)},
     )
-    rows = session.execute(
-        text(vector_search_sql(table, collection.embedding_dim)),
-        {"collection": collection.id, "query": query_vector, "limit": limit},
-    ).all()
-    return [row.id for row in rows]
 
 
 def text_ranks(session: Session, collection: Collection, question: str, limit: int) -> list[int]:
@@ -97,13 +103,17 @@ def retrieve(
     embedder: Embedder,
     top_k: int = DEFAULT_TOP_K,
     max_candidates: int = DEFAULT_CANDIDATES,
+    query: np.ndarray | None = None,
 ) -> Retrieval:
+    """Passages, sections and candidate images for a question in one collection. `query`: the question's
+    vector when the caller has embedded it already (the router has), else it is embedded here."""
     if not 1 <= top_k <= MAX_RESULTS:
         raise ValueError(f"top_k={top_k}: use 1..{MAX_RESULTS} passages")
     if not 0 <= max_candidates <= MAX_RESULTS:
         raise ValueError(f"candidates={max_candidates}: use 0..{MAX_RESULTS} images")
     vectors = QueryVectors(embedder, session)
-    query = vectors.embed([question])[0]
+    if query is None:
+        query = vectors.embed([question])[0]
     query_vector = vector_literal(query)
     pool = max(POOL, top_k * 4)
     by_vector = {

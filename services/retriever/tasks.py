@@ -14,6 +14,7 @@ from services.common.smoke import smoke_task
 from services.common.stage_runs import query_context
 from services.common.tasks import RefusedMessage, answer_task, queue_task
 from services.retriever.ingest_runs import index_batch
+from services.retriever.routing import route
 from services.retriever.search import get_collection, retrieve
 
 smoke = smoke_task(Stage.RETRIEVER)
@@ -31,6 +32,16 @@ def ingest(batch: IngestBatch, task: Task) -> dict[str, Any]:
 def retrieve_for_query(ref: QueryRef, task: Task) -> Retrieval:
     context = query_context(ref.query_id)
     with session_scope() as session:
+        if context.collection is None:  # the job names several collections: the router chooses
+            collections = [get_collection(session, name) for name in context.config.searched]
+            return route(
+                session,
+                collections,
+                context.question,
+                get_embedder(collections[0].embedding_model),  # submit checked that they share one model
+                top_k=context.config.top_k,
+                max_candidates=context.config.candidates,
+            )
         collection = get_collection(session, context.collection)
         return retrieve(
             session,
