@@ -177,7 +177,7 @@ class Routing(BaseModel):
     steps: list[RoutingStep]
     answerable: bool = True  # False: no collection holds an answer (the answer says so, with no images)
     reason: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the router's own time: the probes and any follow-up, not the question's embedding
 
 
 class Retrieval(BaseModel):

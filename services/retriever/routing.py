@@ -169,9 +169,9 @@ def route(
     The retrieval carries the routing; when no collection answers it is empty and says why."""
     if not collections:
         raise NoCollections("no collection to route among")
-    started = time.perf_counter()
     vectors = QueryVectors(embedder, session)
-    query = vectors.embed([question])[0]
+    query = vectors.embed([question])[0]  # once: the retrieval below reuses it
+    started = time.perf_counter()  # the router's own cost: the probes (and a follow-up's embedding)
     words = reformulate(question)
     use_search_settings(session)
     probes = ranked([probe(session, c, query, words) for c in collections])
