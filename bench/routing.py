@@ -39,6 +39,20 @@ from services.retriever.search import UnknownCollection, get_collection
 
 METRICS = ("image_f1", "ordering", "position_accuracy", "rouge_l", "section_hit")
 BACKENDS = {"generator": "extractive", "inserter": "rule"}
+# Questions no development corpus answers (general knowledge, other trades), added to the routed job only:
+# the router should find them unanswerable, while finding every corpus question answerable.
+OFF_TOPIC = (
+    "What is the capital of Australia?",
+    "Who painted the Mona Lisa?",
+    "How many moons does Jupiter have?",
+    "What year did the Berlin Wall fall?",
+    "How do I file a tax return?",
+    "Who wrote War and Peace?",
+    "How does a credit card interest rate work?",
+    "What is the tallest mountain in Africa?",
+    "How do I learn to play the violin?",
+    "What causes the northern lights?",
+)
 
 
 def corpus_roots(corpora: Path) -> list[Path]:
@@ -67,7 +81,7 @@ def ensure_merged(roots: list[Path], name: str, model: str) -> None:
 
 
 def run_job(client: Client, records: list[dict[str, Any]], collections: str | list[str], label: str) -> str:
-    questions = [{k: v for k, v in r.items() if k != "corpus"} for r in records]
+    questions = [{k: v for k, v in r.items() if k != "corpus"} for r in records]  # off-topic ones have no gold
     job_id = client.submit(questions, collections, name=f"bench-routing-{label}", **BACKENDS)
     final = client.wait(job_id, stall_timeout=600)
     print(f"{label}: job {job_id} {final.state} in {final.elapsed_s} s", flush=True)
@@ -76,7 +90,7 @@ def run_job(client: Client, records: list[dict[str, Any]], collections: str | li
 
 def per_corpus(report: dict[str, Any], corpus_of: dict[str, str]) -> dict[str, dict[str, float]]:
     rows: dict[str, list[dict[str, Any]]] = {}
-    for row in report["per_question"]:
+    for row in report["per_question"]:  # only questions with a gold answer are scored
         rows.setdefault(corpus_of[row["id"]], []).append(row)
     return {
         corpus: {metric: round(statistics.fmean(r.get(metric) or 0.0 for r in chosen), 4) for metric in METRICS}
@@ -89,22 +103,28 @@ def routing_record(job_id: str, gold_collection: dict[str, str]) -> dict[str, An
     with session_scope() as session:
         external = dict(session.execute(select(Query.id, Query.external_id).where(Query.job_id == job_id)).all())
     outputs = outputs_of_job(job_id, [Stage.RETRIEVER])
-    correct = follow_ups = unanswerable = 0
+    correct = follow_ups = unanswerable = off_topic_refused = 0
     seconds: list[float] = []
     misses = []
     for query_id, found in outputs.items():
         routing = found.retrieval.routing
         key = external[query_id]
         chosen = routing.chosen[0] if routing.chosen else None
+        if key not in gold_collection:  # an off-topic question
+            off_topic_refused += not routing.answerable
+            continue
         correct += chosen == gold_collection[key]
         follow_ups += len(routing.steps) > 1
         unanswerable += not routing.answerable
         seconds.append(routing.seconds)
         if chosen != gold_collection[key]:
             misses.append({"id": key, "chosen": chosen, "gold": gold_collection[key], "reason": routing.reason})
+    corpus_questions = len(outputs) - sum(key not in gold_collection for key in external.values())
     return {
-        "questions": len(outputs),
-        "accuracy": round(correct / len(outputs), 4),
+        "questions": corpus_questions,
+        "accuracy": round(correct / corpus_questions, 4),
+        "off_topic_questions": len(external) - corpus_questions,
+        "off_topic_found_unanswerable": off_topic_refused,
         "follow_ups": follow_ups,
         "unanswerable": unanswerable,
         "router_ms_p50": round(1000 * statistics.median(seconds), 2),
@@ -130,7 +150,12 @@ def main() -> None:
 
     client = Client()
     jobs = {
-        "routed": run_job(client, records, list(own.values()), "routed"),
+        "routed": run_job(
+            client,
+            records + [{"id": f"off-topic-{n}", "question": q} for n, q in enumerate(OFF_TOPIC, 1)],
+            list(own.values()),
+            "routed",
+        ),
         # each line pins its own corpus's collection (the job's own is only a default)
         "pinned": run_job(
             client, [{**r, "collection": own[r["corpus"]]} for r in records], own[roots[0].name], "pinned"
