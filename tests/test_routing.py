@@ -137,7 +137,7 @@ def two_collections(servers, tmp_path_factory) -> dict[str, str]:
     return names
 
 
-def test_submit_refuses_bad_collections_up_front_with_the_list(two_collections):
+def test_submit_refuses_bad_collections_up_front_with_the_list(two_collections, tmp_path):
     from services.client import Client
     from services.jobs.commands import JobError, job_config
 
@@ -153,6 +153,13 @@ def test_submit_refuses_bad_collections_up_front_with_the_list(two_collections):
     assert names["manual"] in str(empty.value)
     with pytest.raises(JobError, match="stands alone"):
         client.submit(questions, job_config(["all", names["recipes"]]))
+    # the CLI says the same, on one error line, with the collections listed
+    from tests.test_jobs import m2io
+
+    lines = tmp_path / "questions.jsonl"
+    lines.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    refused = m2io("submit", str(lines), "--collection", names["manual"], "--collection", "absent-one")
+    assert refused.returncode == 1 and "'absent-one'" in refused.stderr and names["manual"] in refused.stderr
     with session_scope() as session:  # nothing was stored for the refused jobs
         assert not session.scalars(select(Query).where(Query.external_id == "q1")).all()
 
@@ -172,6 +179,7 @@ def test_a_mixed_job_answers_each_question_from_its_own_collection(workers, two_
     from services.client import Client
     from services.common.stage_runs import outputs_of
     from services.jobs.status import job_status
+    from tests.test_jobs import m2io
 
     names = two_collections
     for stage in ("retriever", "generator", "inserter", "merger"):
@@ -219,6 +227,8 @@ def test_a_mixed_job_answers_each_question_from_its_own_collection(workers, two_
     # the status counts the router's choices; the export keeps every decision
     status = job_status(job_id)
     assert status.routing == {names["manual"]: 2, names["recipes"]: 1, "(none)": 1}
+    shown = m2io("status", str(job_id)).stdout
+    assert "routing (answered from)" in shown and f"{names['manual']}: 2" in shown and "(none): 1" in shown
     assert status.collection == f"{names['recipes']}, {names['manual']}"
     client.export(job_id, tmp_path / "export")
     records = {
