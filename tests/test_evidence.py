@@ -94,6 +94,15 @@ def test_the_filter_keeps_every_passage_of_the_answer_section():
     assert filter_passages([passage(1, 1, dense=-0.3)], []) == ([passage(1, 1, dense=-0.3)], [])
 
 
+@pytest.mark.unit
+def test_the_filter_keeps_all_when_no_passage_is_on_the_question_topic():
+    """A question the collection does not cover: every passage is far, none can be told from the rest."""
+    far = [passage(1, 1, dense=0.2), passage(2, 2, dense=0.05), passage(3, 3, dense=0.01, text_rank=4)]
+    assert filter_passages(far, []) == (far, [])
+    kept, rejected = filter_passages([*far, passage(4, 4, dense=MIN_DENSE)], [])  # one on the topic: it judges
+    assert [p.chunk_id for p in kept] == [1, 4] and [r.chunk_id for r in rejected] == [2, 3]
+
+
 def candidate(name: str, document_id: int, position: int | None, before=None, after=None, caption=None):
     return CandidateImage(
         image_id=sum(map(ord, name)),  # stable across runs (document order is by id)

@@ -6,8 +6,12 @@ text the generator never sees. So it never drops the best passage, nor a passage
 section (`Retrieval.sections[0]`: one it contains, or one inside which the section stands), and it
 drops only on two pieces of evidence at once: the passage's vector is far from the question's, and
 the full-text search did not find it (or found it only on a word or two, with a vector so far off
-that the words cannot be the question's subject). The thresholds are cosines of the sentence
-embedders m2io uses (MiniLM-class, normalised): general properties of such models, not of a corpus.
+that the words cannot be the question's subject). And it judges only when the question is on the
+collection's topics at all (some passage reaches `MIN_DENSE`): when every passage is as far as the
+rest, the measure cannot tell them apart, and whether to answer is the router's call
+(`Routing.answerable`), not the filter's; all are kept, as before there was a filter. The thresholds
+are cosines of the sentence embedders m2io uses (MiniLM-class, normalised): general properties of
+such models, not of a corpus.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ def filter_passages(
     min_dense_with_text: float = MIN_DENSE_WITH_TEXT,
 ) -> tuple[list[Passage], list[RejectedPassage]]:
     """The passages that may answer the question (in their order) and those dropped, with why. The
-    first passage and the passages of the answer's section (`sections[0]`) are always kept."""
+    first passage and the passages of the answer's section (`sections[0]`) are always kept, and all of
+    them when none reaches `min_dense` (a question off the collection's topics)."""
+    if not any(p.dense is not None and p.dense >= min_dense for p in passages):
+        return list(passages), []
     section = sections[0] if sections else None
     spans = section_spans(section)
     kept: list[Passage] = []
