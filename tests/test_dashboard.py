@@ -109,6 +109,11 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
     assert {metric.label for metric in answer.metric} >= {"image f1", "ordering", "rouge l"}
     plan = answer.dataframe[0].value
     assert "images/frying.jpg" in set(plan["image"])
+    evidence = next(e for e in answer.expander if e.label.startswith("Evidence"))
+    placed = next(frame.value for frame in evidence.dataframe if "placed_by" in frame.value.columns)
+    assert "images/frying.jpg" in set(placed["image"]) and set(placed["placed_by"]) <= {"source", "context"}
+    used = next(frame.value for frame in evidence.dataframe if "fused" in frame.value.columns)
+    assert list(used["rank"]) == list(range(1, len(used) + 1)) and used["dense"].notna().all()
 
     collections = page("collections")
     assert not collections.exception
