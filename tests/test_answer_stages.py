@@ -142,9 +142,11 @@ def test_llm_inserter_falls_back_to_rule_when_the_lm_times_out(embedder):
         server.sleep_s = 3.0  # longer than the client's timeout
         model = OpenAIChatModel(server.base_url, "m", timeout_s=0.5, retries=0)
         units = [AnswerUnit(text="2. Fry each pancake in butter.", kind="item")]
-        plan = insert(units, [FRYING], "llm", embedder, chat_model=model)
+        plan = insert(units, [FRYING, CAR], "llm", embedder, chat_model=model)
     assert plan.fallback_reason and plan.fallback_reason.startswith("LLMTimeout")
-    assert plan.placements == rule_plan(units, [FRYING], embedder)
+    assert plan.placements == rule_plan(units, [FRYING, CAR], embedder)
+    # what `rule` left out, with its reason (the fallback's, not "the model's plan leaves it out")
+    assert [r.image for r in plan.rejected] == ["images/car.jpg"] and plan.rejected[0].reason.startswith("best ")
 
 
 def test_merger_outputs_and_a_vanished_image(servers):

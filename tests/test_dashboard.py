@@ -110,6 +110,11 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
     assert {metric.label for metric in answer.metric} >= {"image f1", "ordering", "rouge l"}
     plan = answer.dataframe[0].value
     assert "images/frying.jpg" in set(plan["image"])
+    evidence = next(e for e in answer.expander if e.label.startswith("Evidence"))
+    placed = next(frame.value for frame in evidence.dataframe if "placed_by" in frame.value.columns)
+    assert "images/frying.jpg" in set(placed["image"]) and set(placed["placed_by"]) <= {"source", "context"}
+    used = next(frame.value for frame in evidence.dataframe if "fused" in frame.value.columns)
+    assert list(used["rank"]) == list(range(1, len(used) + 1)) and used["dense"].notna().all()
 
     collections = page("collections")
     assert not collections.exception
@@ -158,3 +163,24 @@ def test_refuses_a_public_bind_without_password(monkeypatch):
     app = AppTest.from_file(APP, default_timeout=30).run()
     assert app.error and "no password is set" in app.error[0].value
     assert not app.metric and not app.dataframe
+
+
+def test_the_answer_page_shows_evidence_and_routing(servers):
+    """A stored answer whose retrieval was routed and filtered: the answer page shows the routing, the
+    passages used and rejected, the images placed and the candidates left out, as the export has them."""
+    from tests.test_evidence import HOSTILE, stored_evidence_job
+
+    _, query_id = stored_evidence_job()
+    answer = page("answer", query=str(query_id))
+    assert not answer.exception
+    evidence = next(e for e in answer.expander if e.label.startswith("Evidence"))
+    assert evidence.label == "Evidence (1 passages used, 1 rejected; 1 images placed, 1 not)"
+    assert any("answered from `kitchen`" in block.value for block in evidence.markdown)
+    tables = [frame.value for frame in evidence.dataframe]
+    considered, steps, used, rejected, placed, left_out = tables
+    assert list(considered["name"]) == ["kitchen", f"garage{HOSTILE}"] and list(considered["score"]) == [0.9, 0.1]
+    assert list(steps["query"]) == [f"fry {HOSTILE}"]
+    assert used.iloc[0][["rank", "doc_key", "dense", "full_text"]].tolist() == [1, "doc1.md", 0.71, 0.1]
+    assert list(rejected["reason"]) == [f"far {HOSTILE}"]
+    assert placed.iloc[0][["image", "placed_by", "similarity"]].tolist() == ["images/pic.png", "context", 0.93]
+    assert list(left_out["image"]) == ["images/other.png"]

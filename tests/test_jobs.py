@@ -106,13 +106,20 @@ def test_submit_wait_status_export_retry_eval(workers, tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert last_line(exported.stdout) == str(out / "index.html")
     fry = json.loads((out / "pancakes_fry.json").read_text())
-    assert set(fry) == {"id", "question", "status", "blocks", "answered_from", "placements", "error"}
+    assert set(fry) == {"id", "question", "status", "blocks", "answered_from", "placements", "evidence", "error"}
     assert fry["id"] == "pancakes/fry" and fry["status"] == "succeeded" and fry["error"] is None
     images = [b for b in fry["blocks"] if b["type"] == "image"]
     assert {"type": "image", "source_name": "images/frying.jpg", "caption": "Pancake frying in a pan"} in images
     assert all({"type", "text", "kind"} <= set(b) for b in fry["blocks"] if b["type"] == "text")
     assert fry["answered_from"]["mode"] in ("section", "sentences") and fry["answered_from"]["reason"]
     assert {p["image"] for p in fry["placements"]} == {b["source_name"] for b in images}
+    evidence = fry["evidence"]  # what the answer was made from, and what placed each image (or not)
+    assert [p["rank"] for p in evidence["passages"]] == list(range(1, len(evidence["passages"]) + 1))
+    assert all(p["dense"] is not None and p["fused"] > 0 for p in evidence["passages"])
+    assert {i["image"] for i in evidence["images"]} == {b["source_name"] for b in images}
+    assert all(i["placed_by"] and i["sentence"] for i in evidence["images"])
+    assert all(r["reason"] for r in evidence["rejected_images"] + evidence["rejected_passages"])
+    assert "<summary>Evidence</summary>" in (out / "pancakes_fry.html").read_text()
     assert "![Pancake frying in a pan](images/frying.jpg)" in (out / "pancakes_fry.md").read_text()
     assert (out / "images" / "frying.jpg").read_bytes()[:2] == b"\xff\xd8"  # the Markdown's image, beside it
     assert "data:image/jpeg;base64," in (out / "pancakes_fry.html").read_text()

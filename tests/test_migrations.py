@@ -117,7 +117,9 @@ def test_vector_index_serves_the_production_search(empty_database):
         with engine.begin() as conn:
             conn.execute(text("SET LOCAL enable_seqscan = off"))
             plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + sql), {"limit": 5}))
-            nearest = conn.execute(text(f"SELECT ordinal FROM chunks WHERE id = ({sql})"), {"limit": 1}).scalar()
+            nearest = conn.execute(
+                text(f"SELECT ordinal FROM chunks WHERE id = (SELECT id FROM ({sql}) nearest)"), {"limit": 1}
+            ).scalar()
         return plan, nearest
 
     _, nearest = search()  # one list (built on an empty table): an exact scan, by the index or not

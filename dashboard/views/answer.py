@@ -1,5 +1,6 @@
-"""Answer viewer: the interleaved answer with its real images from S3, the insertion plan, the retrieved
-passages and candidates; with gold fields, the gold answer side by side with the metrics."""
+"""Answer viewer: the interleaved answer with its real images from S3, the insertion plan, the evidence
+(passages used and rejected, images placed and not, the routing), the retrieved passages and
+candidates; with gold fields, the gold answer side by side with the metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import streamlit as st
 
 from dashboard.views.common import client, image_bytes, link
 from services.client import AnswerView
+from services.common.answer_evidence import evidence_record, routing_record
 from services.common.metrics import PIC_MARKER
 
 
@@ -58,6 +60,37 @@ def show_gold(view: AnswerView) -> None:
                 st.image(data, caption=f"gold: {name}", width=300)
             else:
                 st.caption(f"[gold image {name}: not among the candidates]")
+
+
+def show_evidence(view: AnswerView) -> None:
+    """The answer's evidence as the export's JSON holds it (services/common/answer_evidence.py)."""
+    retrieval = view.retrieval
+    units = view.text_answer.units if view.text_answer else []
+    record = evidence_record(
+        retrieval.passages if retrieval else [], retrieval.rejected if retrieval else [], units, view.plan
+    )
+    title = (
+        f"Evidence ({len(record['passages'])} passages used, {len(record['rejected_passages'])} rejected; "
+        f"{len(record['images'])} images placed, {len(record['rejected_images'])} not)"
+    )
+    with st.expander(title):
+        if retrieval and retrieval.routing:
+            routing = routing_record(retrieval.routing)
+            st.markdown("**Routing**: answered from " + (", ".join(f"`{c}`" for c in routing["chosen"]) or "none"))
+            if retrieval.routing.reason:
+                st.caption(retrieval.routing.reason)
+            st.dataframe(routing["considered"], hide_index=True, width="stretch")
+            st.dataframe(routing["steps"], hide_index=True, width="stretch")
+        st.markdown("**Passages used**")
+        st.dataframe(record["passages"], hide_index=True, width="stretch")
+        if record["rejected_passages"]:
+            st.markdown("**Passages rejected** (the point-wise filter, before generation)")
+            st.dataframe(record["rejected_passages"], hide_index=True, width="stretch")
+        st.markdown("**Images placed**")
+        st.dataframe(record["images"], hide_index=True, width="stretch")
+        if record["rejected_images"]:
+            st.markdown("**Candidates not placed**")
+            st.dataframe(record["rejected_images"], hide_index=True, width="stretch")
 
 
 def render(settings) -> None:
@@ -118,6 +151,8 @@ def render(settings) -> None:
                 st.warning(f"The LM's plan was unusable, `rule` answered: {view.plan.fallback_reason}")
             if view.plan.raw_output:
                 st.code(view.plan.raw_output)
+    if view.retrieval or view.plan:
+        show_evidence(view)
     if view.retrieval:
         with st.expander(f"Retrieved passages ({len(view.retrieval.passages)})"):
             for passage in view.retrieval.passages:

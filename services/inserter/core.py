@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement
+from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement, RejectedImage
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors, candidate_texts, query_vectors
 
@@ -54,9 +54,11 @@ def rule_plan(
     candidates: list[CandidateImage],
     vectors: QueryVectors | Embedder,
     match_min: float = MATCH_MIN,
+    why_not: dict[str, str] | None = None,
 ) -> list[Placement]:
     """Images placed by text: the unit vectors (stored for source units, embedded for an LM's) against
-    each candidate's stored caption / context / image-text vectors."""
+    each candidate's stored caption / context / image-text vectors. `why_not`, when given, gets the
+    reason of each candidate left out."""
     if not units or not candidates:
         return []
     vectors = query_vectors(vectors)
@@ -110,10 +112,28 @@ def rule_plan(
         placements[name] = slot
         evidence_of[name] = why[j, slot]
         used_slots.add(slot)
+    if why_not is not None:
+        for j, candidate in enumerate(candidates):
+            if candidate.source_name not in placements:
+                why_not[candidate.source_name] = text_match_reason(score[j], why, j, match_min)
     return [
         Placement(image=name, after=slot, evidence=evidence_of[name][0], similarity=round(evidence_of[name][1], 4))
         for name, slot in sorted(placements.items(), key=lambda kv: kv[1])
     ]
+
+
+def text_match_reason(scores: np.ndarray, why: dict[tuple[int, int], tuple[str, float]], j: int, match_min: float):
+    """Why candidate j, scored `scores` per slot by `rule_plan`, was not placed."""
+    slot = int(np.argmax(scores))
+    if scores[slot] < 0:
+        return "no caption, context or text in it to match the answer by"
+    kind, _ = why[j, slot]
+    if scores[slot] < match_min:
+        return f"best {kind} match {scores[slot]:.2f} (after sentence {slot}) below {match_min:.2f}"
+    return (
+        f"its best places ({kind} match {scores[slot]:.2f}, after sentence {slot}) went to other images "
+        "or would break its document's image order"
+    )
 
 
 def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
@@ -146,26 +166,60 @@ def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> li
 
 
 def provenance_rule_plan(
-    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+    units: list[AnswerUnit],
+    candidates: list[CandidateImage],
+    vectors: QueryVectors | Embedder | None,
+    why_not: dict[str, str] | None = None,
 ) -> list[Placement]:
-    """The `rule` backend: provenance first, then text matching for what provenance cannot place."""
+    """The `rule` backend: provenance first, then text matching for what provenance cannot place.
+    `why_not`, when given, gets the reason of each candidate left out."""
+    why_not = {} if why_not is None else why_not
     sourced = source_plan(units, candidates)
     source_documents = {unit.source.document_id for unit in units if unit.source is not None}
     if not source_documents:
-        return rule_plan(units, candidates, vectors)
+        return rule_plan(units, candidates, vectors, why_not=why_not)
     placed = {placement.image for placement in sourced}
     others = [c for c in candidates if c.source_name not in placed and c.document_id not in source_documents]
+    for candidate in candidates:
+        if candidate.source_name in placed or candidate.document_id not in source_documents:
+            continue
+        if candidate.position is None:
+            why_not[candidate.source_name] = (
+                f"of the answer's own document ({candidate.doc_key}), but its place there is unknown "
+                "(indexed before places were kept)"
+            )
+        else:
+            why_not[candidate.source_name] = (
+                f"stood elsewhere in the answer's own document (unit {candidate.position} of {candidate.doc_key}), "
+                "outside the answer"
+            )
     taken = {placement.after for placement in sourced}
-    matched = [p for p in same_place_plan(units, others, vectors) if p.after not in taken]
+    matched = []
+    for placement in same_place_plan(units, others, vectors, why_not):
+        if placement.after in taken:
+            why_not[placement.image] = (
+                f"its place (after sentence {placement.after}, context match {placement.similarity:.2f}) "
+                "holds an image of the answer's own source"
+            )
+        else:
+            matched.append(placement)
     return sorted(sourced + matched, key=lambda placement: placement.after)
 
 
 def same_place_plan(
-    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+    units: list[AnswerUnit],
+    candidates: list[CandidateImage],
+    vectors: QueryVectors | Embedder | None,
+    why_not: dict[str, str] | None = None,
 ) -> list[Placement]:
     """Images of other documents, each only where it stood between the same two sentences: the text
     before it matches one answer unit and the text after it the next (both >= STRONG_MATCH), as where
-    a page repeats another's paragraph with its screenshot. Evidence "context"."""
+    a page repeats another's paragraph with its screenshot. Evidence "context". `why_not`, when
+    given, gets the reason of each candidate left out."""
+    why_not = {} if why_not is None else why_not
+    outside = "not in the answer's documents"
+    for candidate in candidates:  # each is overwritten below when it came closer
+        why_not[candidate.source_name] = f"{outside}, and no text stood on both sides of it to match the answer by"
     if not units or not candidates:
         return []
     texts = [candidate_texts(c) for c in candidates]
@@ -176,6 +230,9 @@ def same_place_plan(
     sourced = [index for index, unit in enumerate(units) if unit.source is not None]
     pairs = [j for j in range(len(candidates)) if befores[j] and afters[j]]
     if not sourced or not pairs:
+        if not sourced:
+            for j in pairs:
+                why_not[candidates[j].source_name] = f"{outside}, and the answer's sentences stood nowhere to match"
         return []
     stored_units = vectors.of_units([units[index] for index in sourced])
     unit_v = np.zeros((len(units), stored_units.shape[1]), dtype=np.float32)
@@ -189,10 +246,19 @@ def same_place_plan(
         # slot k: after unit k (1..n-1), so unit k matches the text before and unit k+1 the text after
         both = np.minimum(follows[:-1], precedes[1:])
         if not both.size:
+            why_not[candidate.source_name] = f"{outside}, and the answer has no two sentences to place it between"
             continue
         slot = int(np.argmax(both)) + 1
-        if both[slot - 1] >= STRONG_MATCH and slot not in used:
+        if both[slot - 1] < STRONG_MATCH:
+            why_not[candidate.source_name] = (
+                f"{outside}; the text around it matches two answer sentences in a row at best "
+                f"{both[slot - 1]:.2f} (after sentence {slot}), below {STRONG_MATCH:.2f}"
+            )
+        elif slot in used:
+            why_not[candidate.source_name] = f"{outside}; its place (after sentence {slot}) went to another image"
+        else:
             used.add(slot)
+            why_not.pop(candidate.source_name, None)
             placements.append(
                 Placement(
                     image=candidate.source_name,
@@ -314,10 +380,14 @@ def insert(
     started = time.perf_counter()
     kind = backend.split(":", 1)[0]
     vectors = query_vectors(vectors)
+    why_not: dict[str, str] = {}
     if kind == "rule" or not units or not candidates:
-        placements = provenance_rule_plan(units, candidates, vectors) if kind == "rule" else []
+        placements = provenance_rule_plan(units, candidates, vectors, why_not) if kind == "rule" else []
+        if not units:
+            why_not = dict.fromkeys((c.source_name for c in candidates), "the answer has no sentences to place it by")
         return InsertionPlan(
             placements=placements,
+            rejected=rejected_images(candidates, placements, why_not),
             backend=backend,
             seconds=round(time.perf_counter() - started, 4),
             embedded=vectors.embedded,
@@ -333,17 +403,32 @@ def insert(
         raw = result.text
         placements = parse_plan(raw, units, candidates)
         fallback = None
+        why_not = dict.fromkeys((c.source_name for c in candidates), "the model's plan leaves it out")
     except (PlanFormatError, LLMError) as error:
-        placements = provenance_rule_plan(units, candidates, vectors)
+        placements = provenance_rule_plan(units, candidates, vectors, why_not)
         fallback = f"{type(error).__name__}: {error}"
     return InsertionPlan(
         placements=placements,
+        rejected=rejected_images(candidates, placements, why_not),
         backend=backend,
         seconds=round(time.perf_counter() - started, 4),
         fallback_reason=fallback,
         raw_output=raw,
         embedded=vectors.embedded,
     )
+
+
+def rejected_images(
+    candidates: list[CandidateImage], placements: list[Placement], why_not: dict[str, str]
+) -> list[RejectedImage]:
+    """Every candidate the plan does not place (once per source name, in the candidates' order), with why."""
+    placed = {placement.image for placement in placements}
+    rejected: dict[str, RejectedImage] = {}
+    for candidate in candidates:
+        name = candidate.source_name
+        if name not in placed and name not in rejected:
+            rejected[name] = RejectedImage(image=name, reason=why_not.get(name, "not placed (no reason recorded)"))
+    return list(rejected.values())
 
 
 def inserter_chat_model(backend: str):

@@ -4,13 +4,18 @@ links to, and an `index.html` that links everything.
 The JSON of a question is `{"id", "question", "status", "blocks": [{"type": "text", "text": ...,
 "kind": ..., "level"?}, {"type": "image", "source_name": ..., "caption": ...}], "answered_from": {"mode",
 "sections", "reason", "truncated"}, "placements": [{"image", "after", "evidence", "similarity"}],
-"error"}`: text blocks keep their Markdown and unit kind (paragraph, item, heading, code, table),
-and the answer says how it was made and what placed each image. The HTML is the merger's
-self-contained page (images embedded); the Markdown links images by source name, and those files
-are written next to it, so both render offline. An image whose name would overwrite a question's
-file or `index.html` (or another image, or stand where a folder of them is) goes under `images/`
-instead, with a warning, and the Markdown links it there. A question without an answer still gets
-its three files, saying why. Text in the Markdown is escaped as the HTML page escapes it.
+"evidence": {"passages", "rejected_passages", "images", "rejected_images"}, "routing"?, "error"}`:
+text blocks keep their Markdown and unit kind (paragraph, item, heading, code, table), and the answer
+says how it was made and what placed each image; `evidence` (services/common/answer_evidence.py) the
+passages used with their rank and scores, those the filter rejected and why, each placed image with
+what placed it and each candidate left out with why; `routing` ({"chosen": [collection names],
+"considered": [...], "steps": [...]}) is there when the retriever routed the question. The HTML is
+the merger's self-contained page (images embedded, the evidence at its end); the Markdown links
+images by source name, and those files are written next to it, so both render offline. An image
+whose name would overwrite a question's file or `index.html` (or another image, or stand where a
+folder of them is) goes under `images/` instead, with a warning, and the Markdown links it there. A
+question without an answer still gets its three files, saying why. Text in the Markdown is escaped
+as the HTML page escapes it.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import select
+from sqlalchemy import literal_column, select
 
-from services.common.contracts import AnswerBlock, CandidateImage
+from services.common.answer_evidence import evidence_record, routing_record
+from services.common.contracts import AnswerBlock, CandidateImage, Passage, RejectedPassage, Routing
 from services.common.db import session_scope
 from services.common.models import Answer, Query, StageRun
 from services.common.queues import Stage
 from services.common.stage_runs import StageOutputs, outputs_of_queries
 from services.common.storage import ObjectMissing, ObjectStore, get_store
 from services.jobs.status import job_status, parse_job_id
-from services.merger.core import markdown_text, to_html, to_markdown
+from services.merger.core import evidence_html, markdown_text, to_html, to_markdown
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -67,10 +73,23 @@ def export_blocks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def answer_record(outputs: StageOutputs | None) -> dict[str, Any]:
-    """How the answer was made: the generator's mode, sections and reason; the inserter's placements."""
+@dataclass
+class RetrievalEvidence:
+    """What the export reads of a retrieval besides its candidates: the passages used, those rejected,
+    the routing (not the question's vector, nor the sections)."""
+
+    passages: list[Passage] = field(default_factory=list)
+    rejected: list[RejectedPassage] = field(default_factory=list)
+    routing: Routing | None = None
+
+
+def answer_record(outputs: StageOutputs | None, retrieval: RetrievalEvidence | None = None) -> dict[str, Any]:
+    """How the answer was made: the generator's mode, sections and reason; the inserter's placements;
+    the evidence (passages used and rejected, images placed and not); the routing when there was one."""
     text_answer = outputs.answer if outputs else None
     plan = outputs.plan if outputs else None
+    retrieval = retrieval or RetrievalEvidence()
+    routing = {"routing": routing_record(retrieval.routing)} if retrieval.routing else {}
     return {
         "answered_from": {
             "mode": text_answer.mode,
@@ -81,6 +100,10 @@ def answer_record(outputs: StageOutputs | None) -> dict[str, Any]:
         if text_answer
         else None,
         "placements": [p.model_dump(mode="json") for p in plan.placements] if plan else [],
+        "evidence": evidence_record(
+            retrieval.passages, retrieval.rejected, text_answer.units if text_answer else [], plan
+        ),
+        **routing,
     }
 
 
@@ -137,30 +160,47 @@ class ExportResult:
 EXPORT_BATCH = 200  # questions read (and their stage outputs) at a time: the export's memory stays flat
 FETCHERS = 8  # a batch's stored HTML pages are read from S3 this many at a time (each GET is a round trip)
 CANDIDATES = TypeAdapter(list[CandidateImage])
+PASSAGES = TypeAdapter(list[Passage])
+REJECTED = TypeAdapter(list[RejectedPassage])
 
 
 @dataclass
 class BatchInputs:
     """What the questions of one batch need besides their rows: their text answers and plans, their
-    retrievals' candidate images (only those: not the passages) and their stored HTML pages (None when
-    the object is missing)."""
+    retrievals' candidate images and evidence (not their question vectors, sections or passage texts)
+    and their stored HTML pages (None when the object is missing)."""
 
     outputs: dict[uuid.UUID, StageOutputs]
     candidates: dict[uuid.UUID, list[CandidateImage]]
+    evidence: dict[uuid.UUID, RetrievalEvidence]
     pages: dict[str, bytes | None]
 
 
 def batch_inputs(batch, store: ObjectStore, pool: ThreadPoolExecutor) -> BatchInputs:
     ids = [query.id for query, _ in batch]
+    candidates: dict[uuid.UUID, list[CandidateImage]] = {}
+    evidence: dict[uuid.UUID, RetrievalEvidence] = {}
+    # The passages without their text and units: the evidence shows their place and scores, and the
+    # texts of a batch's passages would weigh more than everything else it reads.
+    passages_only = literal_column(
+        "(SELECT jsonb_agg(p - 'text' - 'units') FROM jsonb_array_elements(stage_runs.output->'passages') p)"
+    )
     with session_scope() as session:
-        candidates = {
-            query_id: CANDIDATES.validate_python(found or [])
-            for query_id, found in session.execute(
-                select(StageRun.query_id, StageRun.output["candidates"]).where(
-                    StageRun.query_id.in_(ids), StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded"
-                )
+        for query_id, found, passages, rejected, routing in session.execute(
+            select(
+                StageRun.query_id,
+                StageRun.output["candidates"],
+                passages_only,
+                StageRun.output["rejected"],
+                StageRun.output["routing"],
+            ).where(StageRun.query_id.in_(ids), StageRun.stage == Stage.RETRIEVER.value, StageRun.status == "succeeded")
+        ):
+            candidates[query_id] = CANDIDATES.validate_python(found or [])
+            evidence[query_id] = RetrievalEvidence(
+                passages=PASSAGES.validate_python([{**passage, "text": ""} for passage in passages or []]),
+                rejected=REJECTED.validate_python(rejected or []),
+                routing=Routing.model_validate(routing) if routing else None,
             )
-        }
 
     def fetch(key: str) -> bytes | None:
         try:
@@ -172,6 +212,7 @@ def batch_inputs(batch, store: ObjectStore, pool: ThreadPoolExecutor) -> BatchIn
     return BatchInputs(
         outputs=outputs_of_queries(ids, [Stage.GENERATOR, Stage.INSERTER]),
         candidates=candidates,
+        evidence=evidence,
         pages=dict(zip(keys, pool.map(fetch, keys), strict=True)),
     )
 
@@ -226,7 +267,7 @@ def export_question(stem: str, query: Query, answer: Answer | None, inputs: Batc
         "question": query.question,
         "status": status_text,
         "blocks": blocks,
-        **answer_record(outputs),
+        **answer_record(outputs, inputs.evidence.get(query.id)),
         "error": None if answer else query.described_error,
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -244,7 +285,11 @@ def export_question(stem: str, query: Query, answer: Answer | None, inputs: Batc
                 )
         if page is None:
             page, warnings = to_html(
-                query.question, [AnswerBlock.model_validate(b) for b in answer.blocks], candidates, store
+                query.question,
+                [AnswerBlock.model_validate(b) for b in answer.blocks],
+                candidates,
+                store,
+                evidence_html(record["evidence"], record.get("routing")),
             )
             result.warnings += [f"{query.external_id}: {w}" for w in warnings]
         result.images_written += write_images(blocks, candidates, store, out_dir, places, result)

@@ -11,17 +11,20 @@ import html
 import re
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 from urllib.parse import quote, unquote
 
 from cachetools import LRUCache
 from markdown_it import MarkdownIt
 
+from services.common.answer_evidence import evidence_record, routing_record
 from services.common.contracts import (
     AnswerBlock,
     AnswerUnit,
     CandidateImage,
     InsertionPlan,
     MergedAnswer,
+    Retrieval,
     UnitSource,
 )
 from services.common.storage import ObjectMissing, ObjectStore
@@ -291,16 +294,96 @@ STYLE = (
     "img{max-width:100%}figcaption{color:#555;font-size:.9em}.missing div{padding:2em;background:#eee;color:#a00}"
     "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.2em .5em}"
     "pre{background:#f4f4f4;padding:.5em;overflow-x:auto}"
+    "details.evidence{margin-top:2em;font-size:.9em}details.evidence td{vertical-align:top}"
 )
 
 
+def cell(value: Any) -> str:
+    """A table cell: text escaped (it comes from documents, a model or a router), a number as given.
+
+    >>> cell("<b>x</b>"), cell(0.25), cell(None)
+    ('<td>&lt;b&gt;x&lt;/b&gt;</td>', '<td>0.25</td>', '<td></td>')
+    """
+    return f"<td>{'' if value is None else html.escape(str(value))}</td>"
+
+
+def table_html(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
+    body = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in rows)
+    return f"<h3>{html.escape(title)} ({len(rows)})</h3>" + (f"<table><tr>{head}</tr>{body}</table>" if rows else "")
+
+
+def evidence_html(evidence: dict[str, Any], routing: dict[str, Any] | None = None) -> str:
+    """The page's "Evidence" section (`services.common.answer_evidence`'s record): a closed
+    `<details>`, every text in it escaped."""
+    parts = []
+    if routing is not None:
+        parts.append(f"<p>answered from {html.escape(', '.join(routing['chosen']) or '(no collection)')}</p>")
+        parts.append(
+            table_html(
+                "Collections considered",
+                ["collection", "score", "dense", "full-text hits", "centroid"],
+                [[c["name"], c["score"], c["dense"], c["text_hits"], c.get("centroid")] for c in routing["considered"]],
+            )
+        )
+        parts.append(
+            table_html(
+                "Routing steps",
+                ["query", "collections", "best", "why"],
+                [[s["query"], ", ".join(s["collections"]), s["best"], s["reason"]] for s in routing["steps"]],
+            )
+        )
+    parts.append(
+        table_html(
+            "Passages used",
+            ["rank", "document", "heading", "dense", "full-text", "fused"],
+            [
+                [p["rank"], p["doc_key"], p["heading"], p["dense"], p["full_text"], p["fused"]]
+                for p in evidence["passages"]
+            ],
+        )
+    )
+    parts.append(
+        table_html(
+            "Passages rejected",
+            ["document", "heading", "dense", "full-text rank", "why"],
+            [
+                [r["doc_key"], r["heading"], r["dense"], r["text_rank"], r["reason"]]
+                for r in evidence["rejected_passages"]
+            ],
+        )
+    )
+    parts.append(
+        table_html(
+            "Images placed",
+            ["image", "after sentence", "placed by", "similarity", "sentence", "model's reason"],
+            [
+                [i["image"], i["after"], i["placed_by"], i["similarity"], i["sentence"], i["reason"]]
+                for i in evidence["images"]
+            ],
+        )
+    )
+    parts.append(
+        table_html(
+            "Candidates not placed",
+            ["image", "why"],
+            [[r["image"], r["reason"]] for r in evidence["rejected_images"]],
+        )
+    )
+    return f'<details class="evidence"><summary>Evidence</summary>{"".join(parts)}</details>'
+
+
 def to_html(
-    question: str, blocks: list[AnswerBlock], candidates: list[CandidateImage], store: ObjectStore | None
+    question: str,
+    blocks: list[AnswerBlock],
+    candidates: list[CandidateImage],
+    store: ObjectStore | None,
+    evidence: str = "",
 ) -> tuple[str, list[str]]:
     """A self-contained page: text blocks rendered from Markdown (the items of a list together, so that
     they make one `<ol>`/`<ul>`; an image between two items ends the list and the next part starts
     at its own number), images embedded as data URIs read from S3. An image that vanished from S3
-    becomes a visible placeholder and a warning, never a crash."""
+    becomes a visible placeholder and a warning, never a crash. `evidence` (`evidence_html`) ends the page."""
     keys = {c.source_name: (c.s3_key, c.caption) for c in candidates}
     warnings: list[str] = []
     body: list[str] = []
@@ -327,7 +410,7 @@ def to_html(
     title = html.escape(question)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{title}</h1>{''.join(body)}</body></html>"
+        f"<body><h1>{title}</h1>{''.join(body)}{evidence}</body></html>"
     )
     return page, warnings
 
@@ -338,10 +421,16 @@ def merge(
     plan: InsertionPlan,
     candidates: list[CandidateImage],
     store: ObjectStore | None,
+    retrieval: Retrieval | None = None,
 ) -> tuple[MergedAnswer, str]:
-    """The merged answer and its HTML page (the caller stores both)."""
+    """The merged answer and its HTML page (the caller stores both); with the retrieval, the page
+    ends with the answer's evidence (and its routing, when the retriever routed)."""
     blocks = interleave(units, plan, candidates)
-    page, warnings = to_html(question, blocks, candidates, store)
+    evidence = ""
+    if retrieval is not None:
+        record = evidence_record(retrieval.passages, retrieval.rejected, units, plan)
+        evidence = evidence_html(record, routing_record(retrieval.routing) if retrieval.routing else None)
+    page, warnings = to_html(question, blocks, candidates, store, evidence)
     if not units:
         warnings.append("the answer has no sentences")
     return MergedAnswer(markdown=to_markdown(blocks), blocks=blocks, warnings=warnings), page

@@ -31,7 +31,9 @@ def merge_for_query(ref: QueryRef, task: Task) -> MergeOutput:
     question = query_context(ref.query_id).question
     outputs = outputs_of(ref.query_id, require=[Stage.RETRIEVER, Stage.GENERATOR, Stage.INSERTER])
     store = get_store()
-    merged, page = merge(question, outputs.answer.units, outputs.plan, outputs.retrieval.candidates, store)
+    merged, page = merge(
+        question, outputs.answer.units, outputs.plan, outputs.retrieval.candidates, store, outputs.retrieval
+    )
     prefix = f"answers/{ref.query_id}"
     # The page (large: images inline) goes to S3; the Markdown and blocks to the answer row below.
     store.put_named(f"{prefix}/answer.html", page.encode(), "text/html; charset=utf-8")

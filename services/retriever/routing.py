@@ -30,9 +30,8 @@ from services.common.db import vector_literal
 from services.common.embedding import Embedder
 from services.common.models import Collection
 from services.common.vectors import QueryVectors
-from services.retriever.search import retrieve, use_search_settings
+from services.retriever.search import retrieve, vector_hits
 from services.retriever.sections import STOP_WORDS
-from services.retriever.vector_index import search_expression
 
 # How many best chunks the dense probe averages: one lucky chunk should not win a collection, and three is
 # still a "few best", not the collection's average.
@@ -118,20 +117,8 @@ def centroid(session: Session, collection: Collection) -> np.ndarray | None:
 
 def probe(session: Session, collection: Collection, query: np.ndarray, words: str) -> Probe:
     """The dense and full-text probes of one collection for a question's vector and words."""
-    dim = collection.embedding_dim
-    expression = search_expression(dim)
-    sims = (
-        session.execute(
-            text(
-                f"SELECT 1 - ({expression} <=> CAST(:q AS halfvec({dim}))) FROM chunks "
-                f"WHERE collection_id = :c AND embedding_dim = {dim} "
-                f"ORDER BY {expression} <=> CAST(:q AS halfvec({dim})) LIMIT {PROBE_DEPTH}"
-            ),
-            {"q": vector_literal(query), "c": collection.id},
-        )
-        .scalars()
-        .all()
-    )
+    nearest = vector_hits(session, "chunks", collection, vector_literal(query), PROBE_DEPTH)  # the search's own
+    sims = [similarity for _, similarity in nearest]
     hits = (
         session.execute(ALL_WORDS_PROBE, {"words": words, "c": collection.id, "limit": TEXT_PROBE_DEPTH}).scalar()
         if words
@@ -173,7 +160,6 @@ def route(
     query = vectors.embed([question])[0]  # once: the retrieval below reuses it
     started = time.perf_counter()  # the router's own cost: the probes (and a follow-up's embedding)
     words = reformulate(question)
-    use_search_settings(session)
     probes = ranked([probe(session, c, query, words) for c in collections])
     steps = [
         RoutingStep(

@@ -25,6 +25,7 @@ from services.common.embedding import Embedder
 from services.common.models import Collection, Document, Image
 from services.common.settings import get_settings
 from services.common.vectors import QueryVectors
+from services.retriever.evidence import filter_passages
 from services.retriever.section_search import images_of_section, source_sections
 from services.retriever.vector_index import search_expression
 
@@ -52,19 +53,30 @@ def rrf(rank: int | None) -> float:
 def vector_search_sql(table: str, dim: int) -> str:
     """Nearest neighbours by cosine on the table's IVFFlat index for `dim` (its expression, its predicate)."""
     expression = search_expression(dim)
+    # The distance is selected as well as ordered by: the same expression, so the index still serves
+    # the ORDER BY, and the caller learns each row's cosine without a second round trip.
     return (
-        f"SELECT id FROM {table} WHERE collection_id = :collection AND embedding_dim = {dim} "
+        f"SELECT id, {expression} <=> CAST(:query AS halfvec({dim})) AS distance FROM {table} "
+        f"WHERE collection_id = :collection AND embedding_dim = {dim} "
         f"ORDER BY {expression} <=> CAST(:query AS halfvec({dim})) LIMIT :limit"
     )
 
 
 def vector_ranks(session: Session, table: str, collection: Collection, query_vector: str, limit: int) -> list[int]:
+    """The nearest rows' ids, nearest first."""
+    return [row_id for row_id, _ in vector_hits(session, table, collection, query_vector, limit)]
+
+
+def vector_hits(
+    session: Session, table: str, collection: Collection, query_vector: str, limit: int
+) -> list[tuple[int, float]]:
+    """The nearest rows, nearest first, each as (id, cosine similarity to the query)."""
     use_search_settings(session)
     rows = session.execute(
         text(vector_search_sql(table, collection.embedding_dim)),
         {"collection": collection.id, "query": query_vector, "limit": limit},
     ).all()
-    return [row.id for row in rows]
+    return [(row.id, 1.0 - float(row.distance)) for row in rows]
 
 
 def use_search_settings(session: Session) -> None:
@@ -82,18 +94,24 @@ def use_search_settings(session: Session) -> None:
 
 
 def text_ranks(session: Session, collection: Collection, question: str, limit: int) -> list[int]:
-    """Full-text ranks; the question's terms are OR-ed (a question rarely shares all its words)."""
+    """Full-text ranks (ids, best first)."""
+    return [chunk_id for chunk_id, _ in text_hits(session, collection, question, limit)]
+
+
+def text_hits(session: Session, collection: Collection, question: str, limit: int) -> list[tuple[int, float]]:
+    """Full-text matches, best first, each as (id, ts_rank_cd); the question's terms are OR-ed (a
+    question rarely shares all its words)."""
     rows = session.execute(
         text(
             "WITH q AS (SELECT NULLIF(replace(plainto_tsquery('english', :question)::text, ' & ', ' | '), '') "
             "AS terms) "
-            "SELECT c.id FROM chunks c, q "
+            "SELECT c.id, ts_rank_cd(c.tsv, to_tsquery('english', q.terms)) AS text_score FROM chunks c, q "
             "WHERE q.terms IS NOT NULL AND c.collection_id = :collection AND c.tsv @@ to_tsquery('english', q.terms) "
-            "ORDER BY ts_rank_cd(c.tsv, to_tsquery('english', q.terms)) DESC, c.id LIMIT :limit"
+            "ORDER BY text_score DESC, c.id LIMIT :limit"
         ),
         {"question": question, "collection": collection.id, "limit": limit},
     ).all()
-    return [row.id for row in rows]
+    return [(row.id, float(row.text_score)) for row in rows]
 
 
 def retrieve(
@@ -116,27 +134,33 @@ def retrieve(
         query = vectors.embed([question])[0]
     query_vector = vector_literal(query)
     pool = max(POOL, top_k * 4)
-    by_vector = {
-        chunk_id: rank
-        for rank, chunk_id in enumerate(vector_ranks(session, "chunks", collection, query_vector, pool), 1)
-    }
-    by_text = {chunk_id: rank for rank, chunk_id in enumerate(text_ranks(session, collection, question, pool), 1)}
+    vector_found = vector_hits(session, "chunks", collection, query_vector, pool)
+    text_found = text_hits(session, collection, question, pool)
+    by_vector = {chunk_id: rank for rank, (chunk_id, _) in enumerate(vector_found, 1)}
+    by_text = {chunk_id: rank for rank, (chunk_id, _) in enumerate(text_found, 1)}
+    dense_of, text_score_of = dict(vector_found), dict(text_found)
     fused = sorted(
         ((rrf(by_vector.get(cid)) + rrf(by_text.get(cid)), cid) for cid in set(by_vector) | set(by_text)),
         key=lambda pair: (-pair[0], pair[1]),
     )[:top_k]
     passages: list[Passage] = []
     if fused:
+        # A passage the full text found beyond the vector search's depth gets its cosine here, in the
+        # same query that reads it (the vector search's own expression, so the two agree).
+        dim = collection.embedding_dim
         rows = session.execute(
             text(
-                "SELECT c.id, c.document_id, d.doc_key, c.heading, c.text, c.image_ids, c.first_unit, c.last_unit "
+                "SELECT c.id, c.document_id, d.doc_key, c.heading, c.text, c.image_ids, c.first_unit, c.last_unit, "
+                f"CASE WHEN c.embedding_dim = {dim} THEN 1 - (c.{search_expression(dim)} <=> "
+                f"CAST(:query AS halfvec({dim}))) END AS dense "
                 "FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.id = ANY(:ids)"
             ),
-            {"ids": [cid for _, cid in fused]},
+            {"ids": [cid for _, cid in fused], "query": query_vector},
         ).all()
         by_id = {row.id: row for row in rows}
         for score, cid in fused:
             row = by_id[cid]
+            dense = dense_of.get(cid, row.dense)
             passages.append(
                 Passage(
                     chunk_id=cid,
@@ -147,6 +171,8 @@ def retrieve(
                     score=round(score, 6),
                     vector_rank=by_vector.get(cid),
                     text_rank=by_text.get(cid),
+                    dense=None if dense is None else round(float(dense), 4),
+                    text_score=round(text_score_of[cid], 4) if cid in text_score_of else None,
                     first_unit=row.first_unit,
                     last_unit=row.last_unit,
                 )
@@ -159,10 +185,13 @@ def retrieve(
     sections = source_sections(session, question, query, passages, vectors)
     section_images = images_of_section(session, sections[0]) if sections else []
     candidates = candidate_images(session, collection, query_vector, passage_images, max_candidates, section_images)
+    # Last, once the answer's section is known: it keeps the passages it holds (services/retriever/evidence.py).
+    kept, rejected = filter_passages(passages, sections)
     return Retrieval(
         collection=collection.name,
         question=question,
-        passages=passages,
+        passages=kept,
+        rejected=rejected,
         candidates=candidates,
         sections=sections,
         question_vector=[round(float(x), 7) for x in query],
