@@ -143,7 +143,8 @@ def test_submit_refuses_bad_collections_up_front_with_the_list(two_collections, 
 
     names = two_collections
     client = Client()
-    questions = [{"id": "q1", "question": "How do I make apple pie?"}]
+    marker = f"refused-{uuid.uuid4().hex[:8]}"
+    questions = [{"id": marker, "question": "How do I make apple pie?"}]
     with pytest.raises(JobError) as unknown:
         client.submit(questions, job_config([names["recipes"], "no-such-collection"]))
     assert "'no-such-collection'" in str(unknown.value)
@@ -161,7 +162,7 @@ def test_submit_refuses_bad_collections_up_front_with_the_list(two_collections, 
     refused = m2io("submit", str(lines), "--collection", names["manual"], "--collection", "absent-one")
     assert refused.returncode == 1 and "'absent-one'" in refused.stderr and names["manual"] in refused.stderr
     with session_scope() as session:  # nothing was stored for the refused jobs
-        assert not session.scalars(select(Query).where(Query.external_id == "q1")).all()
+        assert not session.scalars(select(Query).where(Query.external_id == marker)).all()
 
 
 def test_collection_all_is_every_collection_with_documents(two_collections):

@@ -52,7 +52,7 @@ def submit_form() -> None:
         chosen = st.multiselect(
             "Collections",
             collections,
-            default=collections[:1],
+            default=collections if len(collections) == 1 else [],  # the only one, else the user's choice
             key="submit-collection",
             help="several: the router chooses per question among them (a question's own `collection` pins it)",
         )
