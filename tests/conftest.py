@@ -76,11 +76,23 @@ def servers() -> Iterator[Servers]:
     env["M2IO_STATE_DIR"] = str(state_dir)
     os.environ.update(env)
     get_settings.cache_clear()
+    point_celery_at_these_servers()
     try:
         yield Servers(state_dir=state_dir, env=env, cluster=cluster)
     finally:
         cluster.down(echo=print)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def point_celery_at_these_servers() -> None:
+    """A unit test that ran first may have configured this process's Celery app from the settings of
+    then (no servers yet): configure it again from these, and drop the connection pools it made for the
+    old broker (Celery's own reset after a fork), or pings and sends would go to a Redis nobody reads."""
+    from services.common.celery_app import app, configure
+
+    if app.configured:
+        configure(app)
+        app._after_fork()
 
 
 @dataclass

@@ -421,15 +421,27 @@ def kill_mid_task(worker, job_id: uuid.UUID, timeout: float = 60.0) -> int | Non
             conn.rollback()
             if done and running is not None:
                 os.killpg(worker.process.pid, signal.SIGSTOP)
+                time.sleep(0.05)  # a statement the worker sent before it froze lands meanwhile
                 still = conn.execute(running_now, names).scalar()
                 conn.rollback()
                 if still is not None:
                     worker.kill_all()
-                    return still
+                    return still if still_running(conn, still) else None
                 os.killpg(worker.process.pid, signal.SIGCONT)
             time.sleep(0.002)
         worker.kill_all()
-        return conn.execute(running_now, names).scalar()
+        last = conn.execute(running_now, names).scalar()
+        return last if last is not None and still_running(conn, last) else None
+
+
+def still_running(conn, run_id: int) -> bool:
+    """Whether a stage run is still `running` once its killed worker's last statements have settled: a
+    success whose commit was already on its way when the worker froze lands after the look that saw it
+    running, and then the kill interrupted nothing."""
+    time.sleep(0.5)  # the killed connection's statement, if any, is done or rolled back by then
+    status = conn.execute(text("SELECT status FROM stage_runs WHERE id = :id"), {"id": run_id}).scalar()
+    conn.rollback()
+    return status == "running"
 
 
 def test_kill_each_kind_of_worker_mid_job(pipeline, collection):
