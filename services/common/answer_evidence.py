@@ -78,8 +78,4 @@ def evidence_record(
 
 def routing_record(routing: Routing) -> dict[str, Any]:
     """`{"chosen": [collection names], "considered": [scores], "steps": [...]}`."""
-    return {
-        "chosen": list(routing.chosen),
-        "considered": [c.model_dump(mode="json") for c in routing.considered],
-        "steps": [s.model_dump(mode="json") for s in routing.steps],
-    }
+    return routing.model_dump(mode="json", include={"chosen", "considered", "steps"})

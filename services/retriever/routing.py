@@ -2,7 +2,7 @@
 
 Per question, from evidence that costs little:
 - a dense probe in each candidate collection (its best chunks' cosine to the question, on the same index the
-  search uses), a full-text probe (how many chunks share a content word), and the cosine to the
+  search uses), a full-text probe (how many chunks hold every content word of the question), and the cosine to the
   collection's mean chunk vector (its centroid, computed once per process and collection and kept a minute);
 - the collections whose score is within `AMBIGUOUS` of the best are all retrieved from, and the retrieval
   whose answer evidence is strongest is kept;
@@ -16,7 +16,6 @@ Every decision is recorded (`contracts.Routing`: considered with scores, chosen,
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from services.common.embedding import Embedder
 from services.common.models import Collection
 from services.common.vectors import QueryVectors
 from services.retriever.search import retrieve, vector_hits
-from services.retriever.sections import STOP_WORDS
+from services.retriever.sections import STOP_WORDS, WORD
 
 # How many best chunks the dense probe averages: one lucky chunk should not win a collection, and three is
 # still a "few best", not the collection's average.
@@ -48,7 +47,7 @@ ALL_WORDS_PROBE = text(
 CENTROID_WEIGHT = 0.25
 # all-MiniLM-L6-v2 cosines (bench/README.md "Routing"): the dev questions' own collection's best chunk is
 # 0.49-0.9, off-topic questions' best 0.12-0.32. Below WEAK a reformulated follow-up is tried; below
-# NO_ANSWER, with no full-text hit either, no collection answers.
+# NO_ANSWER, with no chunk holding all the content words either, no collection answers.
 WEAK = 0.45
 NO_ANSWER = 0.35
 AMBIGUOUS = 0.03  # collections within this score of the best are all retrieved from
@@ -56,7 +55,6 @@ CENTROID_TTL_S = 60  # a collection's centroid is recomputed at most once a minu
 MAX_STEPS = 2  # the first probe and one follow-up
 
 CENTROIDS: TTLCache[int, np.ndarray | None] = TTLCache(maxsize=256, ttl=CENTROID_TTL_S)
-WORD = re.compile(r"[^\W_]{2,}")
 
 
 class NoCollections(LookupError):
