@@ -107,21 +107,21 @@ UNITS = [AnswerUnit(text="One."), AnswerUnit(text="Two.")]
 @pytest.mark.parametrize(
     ("output", "error"),
     [
-        ('<think>ok</think><answer>[{"image": "images/frying.jpg", "after": 1}]</answer>', None),
-        ("<think>x</think><answer>[]</answer>", None),
-        ('<answer>[{"image": "images/frying.jpg", "after": 1}]</answer>', "not <think>"),
-        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1}]</answer> trailing', "not <think>"),
-        ("<think>x</think><answer>{not json}</answer>", "not JSON"),
-        ('<think>x</think><answer>{"image": "images/frying.jpg"}</answer>', "not a JSON list"),
-        ('<think>x</think><answer>[{"image": "images/nope.jpg", "after": 1}]</answer>', "not a candidate"),
-        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 3}]</answer>', "0..2"),
-        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": true}]</answer>', "sentence number"),
-        ('<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1, "why": 2}]</answer>', "is not"),
-        (
-            '<think>x</think><answer>[{"image": "images/frying.jpg", "after": 1}, '
-            '{"image": "images/frying.jpg", "after": 2}]</answer>',
-            "twice",
-        ),
+        ('<answer>[["img1",1]]</answer>', None),
+        ('<think>step 1 shows frying</think><answer>[["img1", 2]]</answer>', None),
+        ("<answer>[]</answer>", None),
+        ('<answer>[["img1",1]]</answer> trailing', "not <answer>"),
+        ("img1 after 1", "not <answer>"),
+        ("<answer>{not json}</answer>", "not JSON"),
+        ('<answer>{"img1": 1}</answer>', "not a JSON list"),
+        ('<answer>[{"image": "images/frying.jpg", "after": 1}]</answer>', "is not \\[image, sentence\\]"),
+        ('<answer>[["img2",1]]</answer>', "not a candidate"),
+        ('<answer>[["img0",1]]</answer>', "not a candidate"),
+        ('<answer>[["images/frying.jpg",1]]</answer>', "not a candidate"),
+        ('<answer>[["img1",3]]</answer>', "0..2"),
+        ('<answer>[["img1",true]]</answer>', "sentence number"),
+        ('<answer>[["img1",1,2]]</answer>', "is not"),
+        ('<answer>[["img1",1],["img1",2]]</answer>', "twice"),
     ],
 )
 def test_plan_parser_is_strict(output, error):

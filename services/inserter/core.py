@@ -12,16 +12,15 @@ Backends:
   matches the text it followed (or before the unit that matches the text that followed it), or a
   unit that matches its caption. Thresholds keep weak matches out; at most one image per slot,
   no image twice, and images of one document keep their document order.
-- `llm` / `llm:<model spec>`: a causal LM given the numbered units and described candidates must
-  answer `<think>...</think><answer>[{"image": "<source name>", "after": <n>}]</answer>`; a strict
-  parser checks it, and anything else falls back to `rule` (the plan says so).
-- `checkpoint:<name>`: a registered inserter model (the trainer's), with the `llm` prompt.
+- `llm` / `llm:<model spec>`: a causal LM given the compact prompt of services/inserter/prompt.py (the
+  numbered units; each candidate with the evidence above: provenance, best text matches, caption) must
+  answer `<answer>[["img2", 5], ...]</answer>`; a strict parser checks it, and anything else falls back
+  to `rule` (the plan says so, and keeps the raw output).
+- `checkpoint:<name>`: a registered inserter model (the trainer's), with the same prompt.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 
 import numpy as np
@@ -29,6 +28,8 @@ import numpy as np
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement, RejectedImage
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors, candidate_texts, query_vectors
+from services.inserter.prompt import MAX_NEW_TOKENS, PlanFormatError, parse_plan, plan_messages  # noqa: F401 (re-exported)
+from services.inserter.scores import slot_scores, source_slots
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
@@ -39,14 +40,6 @@ MATCH_MIN = 0.8
 # An image of another document than the answer's source goes in only when its own context is this
 # close to a unit (near the same sentence): the answer's source already brought its own images.
 STRONG_MATCH = 0.92
-CAPTION_WEIGHT = 0.85  # a caption match is weaker evidence than matching the image's own context
-MAX_NEW_TOKENS = 256
-
-PLAN_PATTERN = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
-
-
-class PlanFormatError(ValueError):
-    """An LM's output that is not a valid plan for these units and candidates."""
 
 
 def rule_plan(
@@ -61,41 +54,9 @@ def rule_plan(
     reason of each candidate left out."""
     if not units or not candidates:
         return []
-    vectors = query_vectors(vectors)
-    # the texts the stored vectors were made from: the evidence that exists is the evidence compared
-    texts = [candidate_texts(c) for c in candidates]
-    befores, afters = [t[0] for t in texts], [t[1] for t in texts]
-    captions, image_texts = [t[2] for t in texts], [t[3] for t in texts]
-    unit_v = vectors.of_units(units)
-    stored = vectors.of_images(candidates)
-    before_v, after_v, caption_v, image_text_v = stored.before, stored.after, stored.caption, stored.image_text
-    n, m = len(units), len(candidates)
-    # score[j, slot]: image j placed after unit `slot` (0 = before the first unit)
-    score = np.full((m, n + 1), -1.0)
-    why: dict[tuple[int, int], tuple[str, float]] = {}  # the winning evidence and its cosine
-    follows = before_v @ unit_v.T  # image j followed unit i in its document
-    precedes = after_v @ unit_v.T  # image j preceded unit i in its document
-    by_caption = caption_v @ unit_v.T
-    by_image_text = image_text_v @ unit_v.T
-    for j in range(m):
-        has_before, has_after = bool(befores[j]), bool(afters[j])
-        has_caption, has_image_text = bool(captions[j].strip()), bool(image_texts[j].strip())
-        for slot in range(n + 1):
-            evidence = []  # (weighted score, kind, cosine)
-            if slot >= 1 and has_before:
-                evidence.append((follows[j, slot - 1], "context", follows[j, slot - 1]))
-            if slot < n and has_after:
-                evidence.append((precedes[j, slot], "context", precedes[j, slot]))
-            if slot >= 1 and has_caption:
-                cosine = by_caption[j, slot - 1]
-                evidence.append((cosine * CAPTION_WEIGHT, "caption", cosine))
-            if slot >= 1 and has_image_text:
-                cosine = by_image_text[j, slot - 1]  # the words inside it say what it shows, as a caption does
-                evidence.append((cosine * CAPTION_WEIGHT, "image_text", cosine))
-            if evidence:
-                best, kind, cosine = max(evidence, key=lambda e: e[0])
-                score[j, slot] = best
-                why[j, slot] = (kind, float(cosine))
+    scored = slot_scores(units, candidates, vectors)
+    score, why = scored.score, scored.why
+    n = len(units)
     # Greedy: the strongest (image, slot) pairs first, under the plan's constraints.
     placements: dict[str, int] = {}
     evidence_of: dict[str, tuple[str, float]] = {}
@@ -140,22 +101,11 @@ def source_plan(units: list[AnswerUnit], candidates: list[CandidateImage]) -> li
     """Images placed by provenance: a candidate at position p of document d goes after the answer unit
     that was unit p of d, or before the one that was unit p + 1 (an image right after a heading the
     answer leaves out: slot 0 when it leads the answer). Images that share a slot keep their order."""
-    slot_of: dict[tuple[int, int], int] = {}
-    for index, unit in enumerate(units, 1):
-        if unit.source is not None:
-            slot_of.setdefault((unit.source.document_id, unit.source.position), index)
-    placed: list[tuple[int, int, int, str]] = []
-    for candidate in candidates:
-        if candidate.document_id is None or candidate.position is None:
-            continue
-        key = (candidate.document_id, candidate.position)
-        if key in slot_of:
-            slot = slot_of[key]
-        elif (candidate.document_id, candidate.position + 1) in slot_of:
-            slot = slot_of[(candidate.document_id, candidate.position + 1)] - 1
-        else:
-            continue
-        placed.append((slot, candidate.position, candidate.image_id, candidate.source_name))
+    placed = [
+        (slot, candidate.position, candidate.image_id, candidate.source_name)
+        for candidate, slot in zip(candidates, source_slots(units, candidates), strict=True)
+        if slot is not None
+    ]
     seen: set[str] = set()
     placements = []
     for slot, _, _, name in sorted(placed):
@@ -284,90 +234,6 @@ def keeps_document_order(candidates: list[CandidateImage], placed: dict[str, int
     return True
 
 
-def numbered(units: list[AnswerUnit]) -> str:
-    return "\n".join(f"{i}. {unit.text}" for i, unit in enumerate(units, 1))
-
-
-def describe(candidate: CandidateImage) -> str:
-    context = " ".join(filter(None, [candidate.context_before, candidate.context_after]))
-    return (
-        f'- "{candidate.source_name}": {candidate.caption or "(no caption)"}'
-        + (f" | around it: {context[:240]}" if context else "")
-        + (f" | text in it: {candidate.image_text[:240]}" if candidate.image_text else "")
-    )
-
-
-def plan_messages(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[dict[str, str]]:
-    return [
-        {
-            "role": "system",
-            "content": (
-                "You place images into an answer. Choose only images that illustrate a sentence, and the sentence "
-                "each one should follow (0 = before the first sentence). Reply exactly in the form "
-                '<think>short reasoning</think><answer>[{"image": "<image name>", "after": <sentence number>}]</answer>'
-            ),
-        },
-        {
-            "role": "user",
-            "content": f"Sentences:\n{numbered(units)}\n\nCandidate images:\n"
-            + "\n".join(describe(c) for c in candidates),
-        },
-    ]
-
-
-def parse_plan(output: str, units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
-    """Strict: the whole output is the format; every image is a candidate, once; every `after` is a
-    unit number (0..n). Anything else raises PlanFormatError with the reason."""
-    return parse_plan_names(output, len(units), [c.source_name for c in candidates])
-
-
-def parse_plan_names(output: str, unit_count: int, names: list[str]) -> list[Placement]:
-    """`parse_plan` given only the number of units and the candidates' names (what the trainer's rewards know).
-
-    >>> parse_plan_names('<think>ok</think><answer>[{"image": "a.jpg", "after": 2}]</answer>', 3, ["a.jpg"])
-    [Placement(image='a.jpg', after=2, evidence='model', similarity=None)]
-    >>> parse_plan_names('<answer>[]</answer>', 3, ["a.jpg"])
-    Traceback (most recent call last):
-    ...
-    services.inserter.core.PlanFormatError: output is not <think>...</think><answer>...</answer>
-    """
-    match = PLAN_PATTERN.fullmatch(output)
-    if not match:
-        raise PlanFormatError("output is not <think>...</think><answer>...</answer>")
-    try:
-        items = json.loads(match["answer"])
-    except ValueError as error:
-        raise PlanFormatError(f"answer is not JSON: {error}") from error
-    if not isinstance(items, list):
-        raise PlanFormatError("answer is not a JSON list")
-    known = set(names)
-    placements: list[Placement] = []
-    seen: set[str] = set()
-    for item in items:
-        if not isinstance(item, dict) or set(item) != {"image", "after"}:
-            raise PlanFormatError(f"entry {item!r} is not {{'image': ..., 'after': ...}}")
-        image, after = item["image"], item["after"]
-        if not isinstance(image, str) or image not in known:
-            raise PlanFormatError(f"{image!r} is not a candidate image")
-        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= unit_count:
-            raise PlanFormatError(f"after={after!r} is not a sentence number 0..{unit_count}")
-        if image in seen:
-            raise PlanFormatError(f"{image!r} is placed twice")
-        seen.add(image)
-        placements.append(Placement(image=image, after=after, evidence="model"))
-    return sorted(placements, key=lambda p: p.after)
-
-
-def format_plan(placements: list[Placement], think: str) -> str:
-    """The output an LM inserter should write for `placements` (what the trainer's warm-up teaches).
-
-    >>> format_plan([Placement(image="a.jpg", after=2)], "a.jpg shows step 2")
-    '<think>a.jpg shows step 2</think><answer>[{"image": "a.jpg", "after": 2}]</answer>'
-    """
-    plan = json.dumps([{"image": p.image, "after": p.after} for p in placements], ensure_ascii=False)
-    return f"<think>{think}</think><answer>{plan}</answer>"
-
-
 def insert(
     units: list[AnswerUnit],
     candidates: list[CandidateImage],
@@ -399,7 +265,7 @@ def insert(
     model = chat_model or inserter_chat_model(backend)
     raw = None
     try:
-        result = model.chat(plan_messages(units, candidates), max_new_tokens=MAX_NEW_TOKENS)
+        result = model.chat(plan_messages(units, candidates, vectors), max_new_tokens=MAX_NEW_TOKENS)
         raw = result.text
         placements = parse_plan(raw, units, candidates)
         fallback = None

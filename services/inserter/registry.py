@@ -51,7 +51,13 @@ def download_checkpoint(name: str) -> Path:
     if not (partial / "config.json").exists():
         shutil.rmtree(partial, ignore_errors=True)
         raise UnknownModel(f"model {name!r}: s3 prefix {prefix} holds {count} files but no config.json")
-    partial.rename(target)  # a crash never leaves half a checkpoint where a loader would find it
+    try:
+        partial.rename(target)  # a crash never leaves half a checkpoint where a loader would find it
+    except OSError:
+        # another process of the worker downloaded the same prefix first: its copy stands, ours goes
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
     return target
 
 

@@ -1,0 +1,163 @@
+"""The learned inserter's prompt and plan format: one builder, used by training (services/trainer/data.py) and
+serving (services/inserter/core.insert) alike, so a model is trained on exactly what it is served.
+
+The prompt is compact (~250-350 tokens with 12 candidates for SmolLM2's tokenizer) because every prompt token costs
+in GRPO's sampling and in serving on a CPU:
+  - the answer's units, numbered, each cut to its first words;
+  - each candidate under a short id (`img1`... in retrieval order: img1 is the retriever's best), with the
+    evidence the training-free inserter computes (services/inserter/scores.py): `doc<k>` (its document, by first
+    appearance), `at <n>` when the answer's unit n came from the place the image stood in its own document
+    (provenance), `away` when it stood elsewhere in a document the answer quotes, `first` when it opens its
+    document, `fits <n>:<s>` its best matching slots by caption / context (the rule's score, 0-100), then the
+    first words of its caption (the context it stood in is what `fits` scored).
+The plan: `<answer>[["img2",5],["img1",0]]</answer>` (the image, and the unit it follows; 0 = before the first),
+optionally after a `<think>...</think>`. The parser is strict: anything else is a PlanFormatError, and serving
+falls back to `rule`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from services.common.contracts import AnswerUnit, CandidateImage, Placement
+from services.common.embedding import Embedder
+from services.common.vectors import QueryVectors
+from services.inserter.scores import slot_scores, source_slots
+
+PROMPT_VERSION = "compact-1"  # recorded with a trained model: a model answers the prompt it was trained on
+UNIT_WORDS = 4
+CAPTION_WORDS = 3
+TOP_FITS = 2  # best-matching slots shown per candidate: the best, and the runner-up when it is close
+RUNNER_UP = 0.5  # the runner-up's score at least this (and the best's at least 0)
+# A candidate without provenance whose best text match is under this is not listed (its id stays unused): the rule
+# places nothing under 0.8, and every listed candidate costs ~20 prompt tokens in training and serving.
+SHOW_MIN = 0.5
+MAX_NEW_TOKENS = 64  # a plan of 6 images is ~45 tokens
+
+SYSTEM = (
+    "Place images after sentences. at N: stood after sentence N. away: from elsewhere in the doc. "
+    'fits N:S: matches sentence N, score S. Reply <answer>[["img1",N]]</answer> (N=0: first), or [].'
+)
+
+PLAN_PATTERN = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+IMAGE_ID = re.compile(r"img([1-9][0-9]*)")
+
+
+class PlanFormatError(ValueError):
+    """An LM's output that is not a valid plan for these units and candidates."""
+
+
+def words(text: str | None, count: int) -> str:
+    """The first `count` words of `text` (an ellipsis marks a cut).
+
+    >>> words("Heat the oven to 200C and prepare a tray.", 4)
+    'Heat the oven to…'
+    >>> words(None, 3)
+    ''
+    """
+    parts = (text or "").split()
+    return " ".join(parts[:count]) + ("…" if len(parts) > count else "")
+
+
+def candidate_lines(
+    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+) -> list[str]:
+    """One line of evidence per candidate that has some (see the module's docstring), in retrieval order."""
+    scores = slot_scores(units, candidates, vectors).score
+    slots = source_slots(units, candidates)
+    quoted = {unit.source.document_id for unit in units if unit.source is not None}
+    doc_ids: dict[str, int] = {}
+    lines = []
+    for j, candidate in enumerate(candidates):
+        doc = doc_ids.setdefault(candidate.doc_key, len(doc_ids) + 1)
+        if slots[j] is None and scores[j].max() < SHOW_MIN:
+            continue
+        parts = [f"img{j + 1} doc{doc}"]
+        if slots[j] is not None:
+            parts.append(f"at {slots[j]}")
+        elif candidate.document_id in quoted:
+            parts.append("away")
+        if candidate.position == 0:
+            parts.append("first")
+        order = [int(s) for s in np.argsort(-scores[j])[:TOP_FITS]]
+        best = [s for rank, s in enumerate(order) if scores[j, s] > (RUNNER_UP if rank else 0)]
+        if best:
+            parts.append("fits " + " ".join(f"{s}:{round(100 * float(scores[j, s]))}" for s in best))
+        caption = words(candidate.caption, CAPTION_WORDS)
+        if caption:
+            parts.append(f'"{caption}"')
+        lines.append(" ".join(parts))
+    return lines
+
+
+def plan_messages(
+    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+) -> list[dict[str, str]]:
+    """The chat messages an LM inserter is given (in training and in serving)."""
+    sentences = "\n".join(f"{i}. {words(unit.text, UNIT_WORDS)}" for i, unit in enumerate(units, 1))
+    images = "\n".join(candidate_lines(units, candidates, vectors)) or "(none matches)"
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}"},
+    ]
+
+
+def format_plan(placements: list[Placement], names: list[str], think: str | None = None) -> str:
+    """The output an LM inserter should write for `placements` (what the trainer's warm-up teaches); `names` are the
+    candidates' source names in prompt order.
+
+    >>> format_plan([Placement(image="b.jpg", after=2), Placement(image="a.jpg", after=0)], ["a.jpg", "b.jpg"])
+    '<answer>[["img2",2],["img1",0]]</answer>'
+    """
+    index = {}
+    for number, name in enumerate(names, 1):
+        index.setdefault(name, number)
+    plan = json.dumps([[f"img{index[p.image]}", p.after] for p in placements], separators=(",", ":"))
+    return (f"<think>{think}</think>" if think else "") + f"<answer>{plan}</answer>"
+
+
+def parse_plan_names(output: str, unit_count: int, names: list[str]) -> list[Placement]:
+    """Strict: the whole output is the format; every image is a candidate id (`img1`..`img<len(names)>`), placed
+    once; every `after` is a unit number (0..unit_count). Anything else raises PlanFormatError with the reason.
+
+    >>> parse_plan_names('<answer>[["img2",2],["img1",0]]</answer>', 3, ["a.jpg", "b.jpg"])
+    [Placement(image='a.jpg', after=0, evidence='model', similarity=None), \
+Placement(image='b.jpg', after=2, evidence='model', similarity=None)]
+    >>> parse_plan_names('<answer>[["img3",1]]</answer>', 3, ["a.jpg", "b.jpg"])
+    Traceback (most recent call last):
+    ...
+    services.inserter.prompt.PlanFormatError: 'img3' is not a candidate (img1..img2)
+    """
+    match = PLAN_PATTERN.fullmatch(output)
+    if not match:
+        raise PlanFormatError('output is not <answer>[["img<k>", <sentence>], ...]</answer>')
+    try:
+        items = json.loads(match["answer"])
+    except ValueError as error:
+        raise PlanFormatError(f"answer is not JSON: {error}") from error
+    if not isinstance(items, list):
+        raise PlanFormatError("answer is not a JSON list")
+    placements: list[Placement] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            raise PlanFormatError(f"entry {item!r} is not [image, sentence]")
+        image, after = item
+        found = IMAGE_ID.fullmatch(image) if isinstance(image, str) else None
+        if not found or int(found[1]) > len(names):
+            raise PlanFormatError(f"{image!r} is not a candidate (img1..img{len(names)})")
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= unit_count:
+            raise PlanFormatError(f"after={after!r} is not a sentence number 0..{unit_count}")
+        name = names[int(found[1]) - 1]
+        if name in seen:
+            raise PlanFormatError(f"{image!r} ({name}) is placed twice")
+        seen.add(name)
+        placements.append(Placement(image=name, after=after, evidence="model"))
+    return sorted(placements, key=lambda p: p.after)
+
+
+def parse_plan(output: str, units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
+    return parse_plan_names(output, len(units), [c.source_name for c in candidates])
