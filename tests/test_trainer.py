@@ -31,9 +31,9 @@ NAMES = ["x.jpg", "a.jpg", "y.jpg", "b.jpg"]
 
 @pytest.mark.unit
 def test_doctests_of_rewards_data_core_and_plan_parser():
-    from services.inserter import core as inserter_core
+    from services.inserter import prompt, scores
 
-    for module in (rewards, data, core, inserter_core):
+    for module in (rewards, data, core, prompt, scores):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
@@ -43,18 +43,19 @@ def test_doctests_of_rewards_data_core_and_plan_parser():
     ("completion", "expected"),
     [
         # format, recall, position, precision
-        (plan_text(("a.jpg", 1), ("b.jpg", 3)), (1.0, 1.0, 1.0, 1.0)),
-        (plan_text(("a.jpg", 1), ("b.jpg", 2)), (1.0, 1.0, 0.5, 1.0)),
-        (plan_text(("a.jpg", 1)), (1.0, 0.5, 1.0, 1.0)),
-        (plan_text(("a.jpg", 1), ("b.jpg", 3), ("x.jpg", 2), ("y.jpg", 0)), (1.0, 1.0, 1.0, 0.5)),  # everything
-        (plan_text(("x.jpg", 2)), (1.0, 0.0, 0.0, 0.0)),  # only a distractor
-        (plan_text(), (1.0, 0.0, 0.0, 0.0)),  # nothing
-        (plan_text(("a.jpg", 9)), (0.0, 0.0, 0.0, 0.0)),  # no such sentence
-        (plan_text(("z.jpg", 1)), (0.0, 0.0, 0.0, 0.0)),  # not a candidate
-        ('<think>a</think><answer>[{"image": "a.jpg", "after": 1}, {"image": "a.jpg", "after": 2}]</answer>', (0,) * 4),
-        ('<answer>[{"image": "a.jpg", "after": 1}]</answer>', (0.0, 0.0, 0.0, 0.0)),  # no think
+        (plan_text(NAMES, ("a.jpg", 1), ("b.jpg", 3)), (1.0, 1.0, 1.0, 1.0)),
+        (plan_text(NAMES, ("a.jpg", 1), ("b.jpg", 2)), (1.0, 1.0, 0.5, 1.0)),
+        (plan_text(NAMES, ("a.jpg", 1)), (1.0, 0.5, 1.0, 1.0)),
+        (plan_text(NAMES, ("a.jpg", 1), ("b.jpg", 3), ("x.jpg", 2), ("y.jpg", 0)), (1.0, 1.0, 1.0, 0.5)),  # everything
+        (plan_text(NAMES, ("x.jpg", 2)), (1.0, 0.0, 0.0, 0.0)),  # only a distractor
+        (plan_text(NAMES), (1.0, 0.0, 0.0, 0.0)),  # nothing
+        (plan_text(NAMES, ("a.jpg", 9)), (0.0, 0.0, 0.0, 0.0)),  # no such sentence
+        ('<answer>[["img2",1],["img2",2]]</answer>', (0,) * 4),  # one image twice
+        ('<think>a is step 1</think><answer>[["img2",1]]</answer>', (1.0, 0.5, 1.0, 1.0)),  # reasoning is optional
+        ('<answer>[{"image": "a.jpg", "after": 1}]</answer>', (0.0, 0.0, 0.0, 0.0)),  # the old format
+        ('<answer>[["img9",1]]</answer>', (0.0, 0.0, 0.0, 0.0)),  # no such candidate id
         ("a.jpg goes after sentence 1", (0.0, 0.0, 0.0, 0.0)),
-        ([{"role": "assistant", "content": plan_text(("b.jpg", 3))}], (1.0, 0.5, 1.0, 1.0)),  # conversational
+        ([{"role": "assistant", "content": plan_text(NAMES, ("b.jpg", 3))}], (1.0, 0.5, 1.0, 1.0)),  # conversational
     ],
 )
 def test_reward_components(completion, expected):
@@ -66,10 +67,10 @@ def test_reward_components(completion, expected):
 @pytest.mark.unit
 def test_the_total_reward_cannot_be_gamed_by_placing_every_image():
     columns = {"unit_count": [4] * 4, "candidate_names": [NAMES] * 4, "gold": [GOLD] * 4}
-    exact = plan_text(("a.jpg", 1), ("b.jpg", 3))
-    half_right = plan_text(("a.jpg", 1))
-    everything = plan_text(("a.jpg", 1), ("b.jpg", 3), ("x.jpg", 2), ("y.jpg", 0))
-    nothing = plan_text()
+    exact = plan_text(NAMES, ("a.jpg", 1), ("b.jpg", 3))
+    half_right = plan_text(NAMES, ("a.jpg", 1))
+    everything = plan_text(NAMES, ("a.jpg", 1), ("b.jpg", 3), ("x.jpg", 2), ("y.jpg", 0))
+    nothing = plan_text(NAMES)
     totals = rewards.total_reward([exact, half_right, everything, nothing], **columns)
     assert totals[0] > totals[2] and totals[0] > totals[1] > totals[3]
     assert totals[1] > totals[2]  # one right image beats every image, the wrong ones included
@@ -79,23 +80,39 @@ def test_the_builder_turns_documents_into_examples(servers, tmp_path):
     name = f"train-data-{uuid.uuid4().hex[:8]}"
     ingest_in_process(write_markdown_corpus(tmp_path / "corpus"), name)
     report = data.build_examples(name, val_fraction=0.34, seed=3)
-    frying = next(e for e in report.examples if any(g["image"].endswith("frying.jpg") for g in e.gold))
+    texts = [e for e in report.examples if e.setting == "gold_text"]
+    frying = next(e for e in texts if any(g["image"].endswith("frying.jpg") for g in e.gold))
     assert [g["after"] for g in frying.gold] == [2]  # after "2. Fry each pancake in butter."
-    assert "Fry each pancake" in frying.units[1]
-    soup = next(e for e in report.examples if any(g["image"].endswith("soup.png") for g in e.gold))
+    assert "Fry each pancake" in frying.units[1] and frying.unit_sources == [None] * len(frying.units)
+    soup = next(e for e in texts if any(g["image"].endswith("soup.png") for g in e.gold))
     assert soup.gold[0]["after"] == 1 and soup.units[0] == "A warm soup of roasted tomatoes."
-    stack = next(e for e in report.examples if any(g["image"].endswith("pancakes.png") for g in e.gold))
+    stack = next(e for e in texts if any(g["image"].endswith("pancakes.png") for g in e.gold))
     assert stack.gold[0]["after"] == 0  # it stands right under the title, before the first sentence
+    assert {e.setting for e in report.examples} == {"gold_text", "serving"}
     for example in report.examples:
-        gold_names = {g["image"] for g in example.gold}
-        distractors = [c for c in example.candidates if c["source_name"] not in gold_names]
-        assert gold_names <= set(example.candidate_names)
-        assert len(distractors) == len(gold_names)  # 1:1
-        assert all(c["doc_key"] != example.doc_key for c in distractors)  # from other documents
+        assert {g["image"] for g in example.gold} <= set(example.candidate_names)
         assert example.prompt[-1]["content"].startswith("Sentences:\n1. ")
-        assert rewards.total_reward(
-            [example.completion], [example.unit_count], [example.candidate_names], [example.gold]
-        ) == [pytest.approx(3.0)]  # the warm-up target earns the full reward
+        assert example.question and example.question.endswith("?")
+        if example.gold:  # the warm-up target earns the full reward
+            assert rewards.total_reward(
+                [example.completion], [example.unit_count], [example.candidate_names], [example.gold]
+            ) == [pytest.approx(3.0)]
+    served = [e for e in report.examples if e.setting == "serving"]
+    assert all(any(source is not None for source in e.unit_sources) for e in served)  # answers with provenance
+    assert any(e.gold for e in served)
+
+    # the serving distribution: exactly the candidates serving retrieves for the question (count and order), and
+    # gold_text examples with serving's count, here 2 of the corpus's 5 images
+    from services.common.embedding import get_embedder
+    from services.retriever.search import get_collection, retrieve
+
+    small = data.build_examples(name, val_fraction=0.34, seed=3, candidates=2)
+    assert {len(e.candidates) for e in small.examples if e.setting == "gold_text"} == {2}
+    with session_scope() as session:
+        collection = get_collection(session, name)
+        for example in (e for e in small.examples if e.setting == "serving"):
+            retrieval = retrieve(session, collection, example.question, get_embedder(), max_candidates=2)
+            assert example.candidate_names == [c.source_name for c in retrieval.candidates]
     assert {e.split for e in report.examples} == {"train", "val"}
     splits_per_doc = {}
     for example in report.examples:
@@ -173,6 +190,7 @@ TINY_RUN = {
     "prompts_per_step": 1,
     "num_generations": 2,
     "max_completion_length": 12,
+    "beta": 0.02,  # the KL term's path too (the default 0 skips the reference model)
     "eval_examples": 1,
     "checkpoint_every": 1,
 }
@@ -239,11 +257,13 @@ def memorised_model(tiny_model: Path, example: data.TrainingExample, folder: Pat
 @pytest.mark.slow
 def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, tiny_model, tmp_path):
     from services.common.embedding import get_embedder
+    from services.common.vectors import QueryVectors
     from services.inserter.core import insert
+    from services.inserter.prompt import plan_messages
     from services.inserter.registry import load_registered_model
     from services.trainer.runs import register_model
 
-    example = next(e for e in examples.examples if len(e.gold) == 1)
+    example = next(e for e in examples.examples if e.setting == "serving" and len(e.gold) == 1)
     folder = memorised_model(tiny_model, example, tmp_path / "memorised")
     name = f"tiny-{uuid.uuid4().hex[:8]}"
     config = core.TrainConfig(collection=example.collection, base_model=str(tiny_model), name=name)
@@ -254,7 +274,10 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
     assert get_store().exists(f"models/{name}/config.json")
 
     units, candidates = evaluation.example_inputs(example)
-    plan = insert(units, candidates, f"checkpoint:{name}", get_embedder())
+    with session_scope() as session:  # the inserter stage's own vectors (services/inserter/tasks.py)
+        vectors = QueryVectors(get_embedder(), session)
+        assert plan_messages(units, candidates, vectors) == example.prompt  # training and serving: one prompt
+        plan = insert(units, candidates, f"checkpoint:{name}", vectors)
     assert plan.fallback_reason is None, plan.raw_output  # the model's own plan parsed
     assert [{"image": p.image, "after": p.after} for p in plan.placements] == [
         {"image": g["image"], "after": g["after"]} for g in example.gold

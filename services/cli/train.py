@@ -61,7 +61,11 @@ def train(
     prompts_per_step: Annotated[int | None, typer.Option(help="prompts per GRPO step")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="GRPO learning rate")] = None,
     beta: Annotated[float | None, typer.Option(help="KL weight against the warm-up model")] = None,
-    lora: Annotated[bool, typer.Option(help="train LoRA adapters (merged before saving)")] = False,
+    lora: Annotated[bool, typer.Option(help="GRPO trains LoRA adapters (merged before saving)")] = True,
+    lora_top_layers: Annotated[
+        int | None, typer.Option(help="adapters on the top N layers only (0: all); the backward pass stops there")
+    ] = None,
+    sft_lora: Annotated[bool, typer.Option(help="LoRA in the warm-up too (default: full fine-tuning)")] = False,
     max_completion_length: Annotated[int | None, typer.Option(help="tokens per sampled plan")] = None,
     max_train_examples: Annotated[int | None, typer.Option(help="use at most this many training examples")] = None,
     eval_examples: Annotated[int | None, typer.Option(help="validation examples scored after each phase")] = None,
@@ -83,6 +87,7 @@ def train(
         "prompts_per_step": prompts_per_step,
         "learning_rate": learning_rate,
         "beta": beta,
+        "lora_top_layers": lora_top_layers,
         "max_completion_length": max_completion_length,
         "max_train_examples": max_train_examples,
         "eval_examples": eval_examples,
@@ -91,7 +96,12 @@ def train(
     }
     try:
         config = TrainConfig.from_dict(
-            {"collection": collection, "lora": lora, **{k: v for k, v in given.items() if v is not None}}
+            {
+                "collection": collection,
+                "lora": lora,
+                "sft_lora": sft_lora,
+                **{k: v for k, v in given.items() if v is not None},
+            }
         )
         run_id = create_run(config)
     except (ValueError, LookupError) as error:

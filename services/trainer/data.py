@@ -1,14 +1,19 @@
-"""Inserter training data from an ingested collection: the images' original places in their documents are the
-supervision.
+"""Inserter training data from an ingested collection, drawn from the distribution the inserter is served.
 
-For each passage (chunk) that holds images, one example:
-  - the passage's sentences (the units the generator would number: headings dropped, images removed),
-  - its gold images, each with the sentence it followed in the document (0 = before the first),
-  - distractors at a 1:1 ratio: hard negatives, the images of *other* documents whose descriptions (caption and
-    context, the vectors stored at ingest) are nearest to each gold image's,
-  - the prompt the `llm` / `checkpoint:` inserter is served with (services/inserter/core.plan_messages), so a
-    model is trained on exactly what it will see.
-Examples are split by document (a document's passages all land in one split), deterministically from the seed.
+For each passage (chunk) that holds images whose place in it can be found (from the context stored beside each
+image at ingest), a question is synthesised from its heading path the way users ask ("What is <heading>?",
+"How do I use <heading>?") and run through the real retriever (`retrieve`, the serving candidate count). Then:
+  - `gold_text` examples: the passage's own sentences as plain text, without provenance (as an LM's answer
+    arrives), with serving's candidates for that question (the passage's gold images put in where the retriever
+    missed them); the target plan is the images' original places. `resamples` candidate sets per passage: the
+    first takes the retriever's order, the others draw the distractors from a pool twice as deep.
+  - a `serving` example: the extractive generator's answer to the question (units with provenance) and exactly
+    serving's candidates; the target places each candidate that stood between the answer's source units where
+    it stood (nothing else: an image is only known to belong where it stood).
+Every example carries the prompt the `llm` / `checkpoint:` inserter is served with (services/inserter/prompt.py),
+built by the same function from the same stored vectors, so a model is trained on exactly what it will see.
+Examples are split by document (a document's passages and answers all land in one split), deterministically from
+the seed: held-out documents are never trained on.
 """
 
 from __future__ import annotations
@@ -24,26 +29,34 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from services.common.contracts import AnswerUnit, CandidateImage, Placement
+from services.common.contracts import DEFAULT_CANDIDATES, AnswerUnit, CandidateImage, Placement
 from services.common.db import session_scope
+from services.common.embedding import get_embedder
 from services.common.models import Chunk, Collection, Document, Image
 from services.common.text import parse_markdown
-from services.inserter.core import format_plan, plan_messages
-from services.retriever.search import candidate_of
+from services.common.vectors import QueryVectors
+from services.generator.core import generate
+from services.inserter.prompt import format_plan, plan_messages
+from services.inserter.scores import source_slots
+from services.retriever.search import candidate_of, retrieve
 
 # Passages with more sentences than this make prompts longer than a small model reads well (and slow on CPU).
 MAX_UNITS = 24
 MATCH_CHARS = 80  # compared at each end of a unit when locating an image by its stored context
+SETTINGS = ("gold_text", "serving")
 
 
 class TrainingExample(BaseModel):
     id: str
     split: str  # train | val
+    setting: str = "gold_text"  # gold_text | serving (see the module's docstring)
     collection: str
     doc_key: str
     chunk_id: int
+    question: str | None = None
     units: list[str]
-    candidates: list[dict[str, Any]]  # CandidateImage fields
+    unit_sources: list[dict[str, Any] | None] = []  # each unit's provenance (UnitSource fields), serving examples
+    candidates: list[dict[str, Any]]  # CandidateImage fields, in the prompt's order (img1 first)
     gold: list[dict[str, Any]]  # [{"image": source name, "after": sentence}]
     # derived columns the rewards read (see services/trainer/rewards.py)
     unit_count: int
@@ -66,10 +79,12 @@ class BuildReport:
             "examples": len(self.examples),
             "train": len(train),
             "val": len(val),
+            **{f"{setting}_examples": sum(e.setting == setting for e in self.examples) for setting in SETTINGS},
             "train_documents": len({e.doc_key for e in train}),
             "val_documents": len({e.doc_key for e in val}),
             "gold_images": sum(len(e.gold) for e in self.examples),
             "distractors": sum(len(e.candidates) - len(e.gold) for e in self.examples),
+            "candidates_per_example": max((len(e.candidates) for e in self.examples), default=0),
             "skipped": dict(self.skipped),
         }
 
@@ -114,19 +129,76 @@ def split_of(doc_key: str, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def think_text(gold: list[Placement], candidate_count: int) -> str:
-    """A short reasoning line for the warm-up target (kept short: every token costs in GRPO's sampling).
+def synthesised_question(heading: str | None, doc_key: str) -> str:
+    """A question a user might ask of a section, from its heading path ("Page > Section > Sub"), in the two
+    forms the corpora's questions take; which one is fixed by the heading (the same data every build).
 
-    >>> think_text([Placement(image="a.jpg", after=1), Placement(image="b.jpg", after=4)], 4)
-    '2 of 4 images match sentences 1, 4.'
+    >>> synthesised_question("Apple Chicken > Directions", "apple-chicken")
+    'How do I use Directions in Apple Chicken?'
+    >>> synthesised_question("Fly View", "FlyView")
+    'How do I use Fly View?'
+    >>> synthesised_question(None, "my_doc-name")
+    'What is my doc name?'
     """
-    if not gold:
-        return f"None of the {candidate_count} images matches these sentences."
-    return f"{len(gold)} of {candidate_count} images match sentences {', '.join(str(p.after) for p in gold)}."
+    path = [part.strip() for part in (heading or "").split(">") if part.strip()]
+    if not path:
+        path = [" ".join(doc_key.replace("_", " ").replace("-", " ").split())]
+    subject = path[-1] if len(path) == 1 else f"{path[-1]} in {path[0]}"
+    form = int.from_bytes(hashlib.sha256(subject.encode()).digest()[:2], "big") % 2
+    return f"How do I use {subject}?" if form else f"What is {subject}?"
 
 
-def build_examples(collection: str, *, val_fraction: float = 0.2, seed: int = 0) -> BuildReport:
-    """Every example the collection yields, split by document."""
+def candidate_set(
+    pool: list[CandidateImage], gold: list[CandidateImage], size: int, rng: random.Random | None
+) -> list[CandidateImage]:
+    """`size` candidates holding every gold image: the distractors are the pool's first (rng None) or a random
+    draw from it; everything keeps the retriever's order, and a gold image the retriever missed goes to a random
+    place.
+
+    >>> def c(name): return CandidateImage(image_id=0, source_name=name, s3_key="k", caption=None,
+    ...     context_before=None, context_after=None, doc_key="d", score=0, reasons=[])
+    >>> [x.source_name for x in candidate_set([c("a"), c("g"), c("b"), c("c")], [c("g")], 3, None)]
+    ['a', 'g', 'b']
+    """
+    gold_names = {candidate.source_name for candidate in gold}
+    rank = {candidate.source_name: index for index, candidate in enumerate(pool)}
+    others = [candidate for candidate in pool if candidate.source_name not in gold_names]
+    room = max(0, size - len(gold))
+    chosen = (
+        others[:room]
+        if rng is None
+        else sorted(rng.sample(others, min(room, len(others))), key=lambda c: rank[c.source_name])
+    )
+    keyed = [(float(rank[c.source_name]), c) for c in chosen]
+    for candidate in gold:
+        if candidate.source_name in rank:
+            keyed.append((float(rank[candidate.source_name]), candidate))
+        else:
+            spot = (rng or random.Random(candidate.source_name)).uniform(0, len(chosen))
+            keyed.append((spot, candidate))
+    return [candidate for _, candidate in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def serving_gold(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
+    """The images' original places in a served answer: each candidate that stood between the answer's own source
+    units goes where it stood (the first of two candidates with one source name)."""
+    placed: dict[str, int] = {}
+    for candidate, slot in zip(candidates, source_slots(units, candidates), strict=True):
+        if slot is not None:
+            placed.setdefault(candidate.source_name, slot)
+    return [Placement(image=name, after=slot) for name, slot in placed.items()]
+
+
+def build_examples(
+    collection: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    candidates: int = DEFAULT_CANDIDATES,
+    resamples: int = 2,
+    serving: bool = True,
+) -> BuildReport:
+    """Every example the collection yields (see the module's docstring), split by document."""
     report = BuildReport()
     rng = random.Random(seed)
     with session_scope() as session:
@@ -134,6 +206,8 @@ def build_examples(collection: str, *, val_fraction: float = 0.2, seed: int = 0)
         if owner is None:
             known = session.scalars(select(Collection.name).order_by(Collection.name)).all()
             raise LookupError(f"no collection {collection!r} (collections: {', '.join(known) or 'none'})")
+        embedder = get_embedder(owner.embedding_model)
+        vectors = QueryVectors(embedder, session)
         rows = session.execute(select(Document.id, Document.doc_key).where(Document.collection_id == owner.id))
         doc_keys = {document_id: key for document_id, key in rows}
         splits = {key: split_of(key, val_fraction, seed) for key in doc_keys.values()}
@@ -169,69 +243,85 @@ def build_examples(collection: str, *, val_fraction: float = 0.2, seed: int = 0)
             if not gold:
                 report.skipped["passage without locatable images"] += 1
                 continue
-            distractors = hard_negatives(session, placed, owner.id, exclude={p.image for p in gold})
-            if len(distractors) < len(placed):
-                report.skipped["fewer distractors than gold images"] += 1
             doc_key = doc_keys[chunk.document_id]
-            candidates = [candidate_of(image, doc_key, 0.0, ["training"]) for image in placed] + [
-                candidate_of(image, doc_keys.get(image.document_id, "?"), 0.0, ["training"]) for image in distractors
-            ]
-            rng.shuffle(candidates)  # the gold images must not always come first
-            report.examples.append(
-                make_example(collection, doc_key, chunk.id, units, candidates, gold, splits[doc_key])
-            )
+            question = synthesised_question(chunk.heading, doc_key)
+            pool = retrieve(session, owner, question, embedder, max_candidates=2 * candidates).candidates
+            gold_candidates = [candidate_of(image, doc_key, 0.0, ["passage"]) for image in placed]
+            plain = [AnswerUnit(text=text) for text in units]
+            for draw in range(resamples):
+                chosen = candidate_set(pool, gold_candidates, candidates, None if draw == 0 else rng)
+                report.examples.append(
+                    make_example(
+                        collection,
+                        doc_key,
+                        chunk.id,
+                        plain,
+                        chosen,
+                        gold,
+                        splits[doc_key],
+                        vectors,
+                        setting="gold_text",
+                        question=question,
+                        variant=draw,
+                    )
+                )
+            if serving:
+                retrieval = retrieve(session, owner, question, embedder, max_candidates=candidates)
+                answer = generate(retrieval, "extractive", vectors)
+                if not answer.units or len(answer.units) > MAX_UNITS:
+                    report.skipped["served answer empty or over the sentence limit"] += 1
+                    continue
+                # the split of the document the answer quotes: a held-out document is never a training answer
+                quoted = next((u.source.doc_key for u in answer.units if u.source is not None), doc_key)
+                report.examples.append(
+                    make_example(
+                        collection,
+                        quoted,
+                        chunk.id,
+                        answer.units,
+                        retrieval.candidates,
+                        serving_gold(answer.units, retrieval.candidates),
+                        splits.get(quoted, splits[doc_key]),
+                        vectors,
+                        setting="serving",
+                        question=question,
+                    )
+                )
     return report
-
-
-def hard_negatives(session, gold_images: list[Image], collection_id: int, exclude: set[str]) -> list[Image]:
-    """One distractor per gold image: the nearest image of another document by description embedding."""
-    chosen: list[Image] = []
-    taken = set(exclude)
-    own_documents = {image.document_id for image in gold_images}
-    for image in gold_images:
-        if image.embedding is None:
-            continue
-        nearest = session.scalars(
-            select(Image)
-            .where(
-                Image.collection_id == collection_id,
-                Image.document_id.not_in(own_documents),
-                Image.embedding_dim == image.embedding_dim,
-                Image.source_name.not_in(taken),
-            )
-            .order_by(Image.embedding.cosine_distance(image.embedding))
-            .limit(1)
-        ).first()
-        if nearest is not None:
-            chosen.append(nearest)
-            taken.add(nearest.source_name)
-    return chosen
 
 
 def make_example(
     collection: str,
     doc_key: str,
     chunk_id: int,
-    units: list[str],
+    units: list[AnswerUnit],
     candidates: list[CandidateImage],
     gold: list[Placement],
     split: str,
+    vectors,
+    *,
+    setting: str = "gold_text",
+    question: str | None = None,
+    variant: int = 0,
 ) -> TrainingExample:
-    answer_units = [AnswerUnit(text=text) for text in units]
     gold = sorted(gold, key=lambda p: p.after)
+    names = [c.source_name for c in candidates]
     return TrainingExample(
-        id=f"{collection}/{doc_key}#{chunk_id}",
+        id=f"{collection}/{doc_key}#{chunk_id}/{setting}/{variant}",
         split=split,
+        setting=setting,
         collection=collection,
         doc_key=doc_key,
         chunk_id=chunk_id,
-        units=units,
+        question=question,
+        units=[unit.text for unit in units],
+        unit_sources=[unit.source.model_dump(mode="json") if unit.source else None for unit in units],
         candidates=[c.model_dump(mode="json") for c in candidates],
         gold=[p.model_dump(mode="json") for p in gold],
         unit_count=len(units),
-        candidate_names=[c.source_name for c in candidates],
-        prompt=plan_messages(answer_units, candidates),
-        completion=[{"role": "assistant", "content": format_plan(gold, think_text(gold, len(candidates)))}],
+        candidate_names=names,
+        prompt=plan_messages(units, candidates, vectors),
+        completion=[{"role": "assistant", "content": format_plan(gold, names)}],
     )
 
 

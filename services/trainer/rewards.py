@@ -18,19 +18,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.common.contracts import Placement
-from services.inserter.core import PlanFormatError, format_plan, parse_plan_names
+from services.inserter.prompt import PlanFormatError, format_plan, parse_plan_names
 
 # The paper's weighting of recall against position inside the image reward.
 ALPHA = 0.8
 
 
-def plan_text(*placements: tuple[str, int]) -> str:
-    """A well-formed plan placing `(image, after)` pairs (for examples and tests).
+def plan_text(names: Sequence[str], *placements: tuple[str, int]) -> str:
+    """A well-formed plan placing `(image, after)` pairs, the images by their ids among `names` (for examples and
+    tests).
 
-    >>> plan_text(("a.jpg", 1))
-    '<think></think><answer>[{"image": "a.jpg", "after": 1}]</answer>'
+    >>> plan_text(["x.jpg", "a.jpg"], ("a.jpg", 1))
+    '<answer>[["img2",1]]</answer>'
     """
-    return format_plan([Placement(image=image, after=after) for image, after in placements], "")
+    return format_plan([Placement(image=image, after=after) for image, after in placements], list(names))
 
 
 def completion_text(completion: Any) -> str:
@@ -60,8 +61,8 @@ def _gold_positions(gold: Any) -> dict[str, int]:
 def format_reward(completions, unit_count, candidate_names, **kwargs) -> list[float]:
     """1.0 when the completion is a valid plan for its prompt (the inserter's strict parser), else 0.0.
 
-    >>> ok = '<think>x</think><answer>[{"image": "a.jpg", "after": 1}]</answer>'
-    >>> format_reward([ok, "a.jpg after 1", '<think>x</think><answer>[{"image": "z.jpg", "after": 1}]</answer>'],
+    >>> ok = '<answer>[["img1",1]]</answer>'
+    >>> format_reward([ok, "a.jpg after 1", '<answer>[["img2",1]]</answer>'],
     ...               unit_count=[2, 2, 2], candidate_names=[["a.jpg"]] * 3)
     [1.0, 0.0, 0.0]
     """
@@ -73,7 +74,7 @@ def recall_reward(completions, unit_count, candidate_names, gold, **kwargs) -> l
 
     >>> gold = [[{"image": "a.jpg", "after": 1}, {"image": "b.jpg", "after": 2}]] * 3
     >>> names = [["a.jpg", "b.jpg", "x.jpg"]] * 3
-    >>> recall_reward([plan_text(("a.jpg", 2)), plan_text(), "no plan"], [2] * 3, names, gold)
+    >>> recall_reward([plan_text(names[0], ("a.jpg", 2)), plan_text(names[0]), "no plan"], [2] * 3, names, gold)
     [0.5, 0.0, 0.0]
     """
     rewards = []
@@ -92,7 +93,7 @@ def position_reward(completions, unit_count, candidate_names, gold, **kwargs) ->
 
     >>> gold = [[{"image": "a.jpg", "after": 1}, {"image": "b.jpg", "after": 2}]] * 2
     >>> names = [["a.jpg", "b.jpg"]] * 2
-    >>> position_reward([plan_text(("a.jpg", 1), ("b.jpg", 1)), plan_text()], [2, 2], names, gold)
+    >>> position_reward([plan_text(names[0], ("a.jpg", 1), ("b.jpg", 1)), plan_text(names[0])], [2, 2], names, gold)
     [0.5, 0.0]
     """
     rewards = []
@@ -109,7 +110,8 @@ def precision_reward(completions, unit_count, candidate_names, gold, **kwargs) -
 
     >>> gold = [[{"image": "a.jpg", "after": 1}]] * 3
     >>> names = [["a.jpg", "x.jpg"]] * 3
-    >>> precision_reward([plan_text(("a.jpg", 1), ("x.jpg", 2)), plan_text(("a.jpg", 2)), plan_text()],
+    >>> precision_reward([plan_text(names[0], ("a.jpg", 1), ("x.jpg", 2)), plan_text(names[0], ("a.jpg", 2)),
+    ...                   plan_text(names[0])],
     ...                  [2] * 3, names, gold)
     [0.5, 1.0, 0.0]
     """
@@ -136,7 +138,8 @@ def total_reward(completions, unit_count, candidate_names, gold, weights: Sequen
     With one gold image and one distractor, the exact plan beats "every image", which beats nothing:
 
     >>> names, gold = [["a.jpg", "x.jpg"]], [[{"image": "a.jpg", "after": 1}]]
-    >>> exact, everything, nothing = plan_text(("a.jpg", 1)), plan_text(("a.jpg", 1), ("x.jpg", 2)), plan_text()
+    >>> exact, nothing = plan_text(names[0], ("a.jpg", 1)), plan_text(names[0])
+    >>> everything = plan_text(names[0], ("a.jpg", 1), ("x.jpg", 2))
     >>> [round(total_reward([c], [2], names, gold)[0], 3) for c in (exact, everything, nothing)]
     [3.0, 2.5, 1.0]
     """
