@@ -134,7 +134,10 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
         session.add_all(
             [
                 TrainingStep(
-                    run_id=run.id, phase="grpo", step=step, metrics={"reward_format": 0.5 * step, "loss": 1 / step}
+                    run_id=run.id,
+                    phase="grpo",
+                    step=step,
+                    metrics={"reward_format": 0.5 * step, "reward": 1.5 * step, "loss": 1 / step, "step_time": 9.0},
                 )
                 for step in (1, 2)
             ]
@@ -153,6 +156,12 @@ def test_every_page_on_a_finished_job(workers, tmp_path):
     assert not training.exception
     assert run_id in set(training.dataframe[0].value["run"])
     assert f"m-{name}" in set(training.dataframe[-1].value["name"])
+    label = f"{run_id} ({run_id[:8]})"  # runs side by side: total reward per GRPO step, and a summary row each
+    training.multiselect(key="training-compare").set_value([label]).run()
+    assert not training.exception
+    compared = next(frame.value for frame in training.dataframe if "reward, last 10" in frame.value.columns)
+    assert list(compared["run"]) == [label] and list(compared["reward, last 10"]) == [2.25]
+    assert list(compared["s / step (median)"]) == [9.0]
 
     overview = page("overview")
     assert not overview.exception and [m.label for m in overview.metric] == ["PostgreSQL", "Redis", "S3"]

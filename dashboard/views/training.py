@@ -23,6 +23,60 @@ def steps(run_id) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["phase", "step"]) if rows else pd.DataFrame()
 
 
+def comparison(frames: dict[str, pd.DataFrame], column: str = "reward", phase: str = "grpo") -> pd.DataFrame:
+    """One column per run (its label): `column` of its `phase` steps, indexed by step (the runs side by side).
+
+    >>> a = pd.DataFrame({"phase": ["grpo", "grpo", "sft"], "step": [1, 2, 1], "reward": [1.0, 2.0, None]})
+    >>> b = pd.DataFrame({"phase": ["grpo"], "step": [1], "reward": [0.5]})
+    >>> comparison({"a": a, "b": b}).to_dict()
+    {'a': {1: 1.0, 2: 2.0}, 'b': {1: 0.5, 2: nan}}
+    """
+    columns = {}
+    for label, frame in frames.items():
+        if frame.empty or column not in frame.columns:
+            continue
+        part = frame[frame["phase"] == phase].set_index("step")[column].dropna()
+        if not part.empty:
+            columns[label] = part
+    return pd.DataFrame(columns).sort_index()
+
+
+def summary(frames: dict[str, pd.DataFrame], last: int = 10) -> list[dict]:
+    """Per run: GRPO steps, mean total reward over the first and the last `last` steps, median seconds a step."""
+    rows = []
+    for label, frame in frames.items():
+        grpo = frame[frame["phase"] == "grpo"] if not frame.empty else frame
+        if grpo.empty or "reward" not in grpo.columns:
+            continue
+        reward = grpo.sort_values("step")["reward"].dropna()
+        seconds = grpo["step_time"].dropna() if "step_time" in grpo.columns else pd.Series(dtype=float)
+        rows.append(
+            {
+                "run": label,
+                "GRPO steps": int(grpo["step"].max()),
+                f"reward, first {last}": round(float(reward.head(last).mean()), 3),
+                f"reward, last {last}": round(float(reward.tail(last).mean()), 3),
+                "s / step (median)": round(float(seconds.median()), 1) if not seconds.empty else None,
+            }
+        )
+    return rows
+
+
+def compare(listed: list[TrainingRun]) -> None:
+    """Several runs' total reward on one chart: e.g. the alpha variants of bench/inserter_learning.py."""
+    labels = {f"{(run.config or {}).get('name') or run.id} ({str(run.id)[:8]})": run for run in listed}
+    chosen = st.multiselect("Compare runs (total reward per GRPO step)", list(labels), key="training-compare")
+    if not chosen:
+        return
+    frames = {label: steps(labels[label].id) for label in chosen}
+    table = summary(frames)
+    if not table:
+        st.caption("None of these runs has GRPO steps.")
+        return
+    st.line_chart(comparison(frames))
+    st.dataframe(table, hide_index=True, width="stretch")
+
+
 def render(settings) -> None:
     st.header("Training")
     listed = runs()
@@ -80,6 +134,7 @@ def render(settings) -> None:
                     st.line_chart(part[losses])
 
         curves()
+        compare(listed)
     st.subheader("Registered models")
     with session_scope() as session:
         models = list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.created_at.desc())))
