@@ -36,8 +36,8 @@ from services.common.models import Chunk, Collection, Document, Image
 from services.common.text import parse_markdown
 from services.common.vectors import QueryVectors
 from services.generator.core import generate
+from services.inserter.core import source_plan
 from services.inserter.prompt import format_plan, plan_messages
-from services.inserter.scores import source_slots
 from services.retriever.search import candidate_of, retrieve
 
 # Passages with more sentences than this make prompts longer than a small model reads well (and slow on CPU).
@@ -179,16 +179,6 @@ def candidate_set(
     return [candidate for _, candidate in sorted(keyed, key=lambda pair: pair[0])]
 
 
-def serving_gold(units: list[AnswerUnit], candidates: list[CandidateImage]) -> list[Placement]:
-    """The images' original places in a served answer: each candidate that stood between the answer's own source
-    units goes where it stood (the first of two candidates with one source name)."""
-    placed: dict[str, int] = {}
-    for candidate, slot in zip(candidates, source_slots(units, candidates), strict=True):
-        if slot is not None:
-            placed.setdefault(candidate.source_name, slot)
-    return [Placement(image=name, after=slot) for name, slot in placed.items()]
-
-
 def build_examples(
     collection: str,
     *,
@@ -280,7 +270,7 @@ def build_examples(
                         chunk.id,
                         answer.units,
                         retrieval.candidates,
-                        serving_gold(answer.units, retrieval.candidates),
+                        source_plan(answer.units, retrieval.candidates),  # the images' original places
                         splits.get(quoted, splits[doc_key]),
                         vectors,
                         setting="serving",
