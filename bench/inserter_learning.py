@@ -32,15 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.inserter_training import hardware
-from bench.job_load import git_commit
-from bench.retrieval_quality import ingest_corpus
+from bench.job_load import ensure_corpus, git_commit
 from services.client import Client
-from services.common.db import session_scope
 from services.common.embedding import DEFAULT_EMBEDDING_MODEL
 from services.common.queues import Stage
 from services.common.stage_runs import outputs_of_job
 from services.jobs.evaluate import score_job
-from services.retriever.search import UnknownCollection, get_collection
 from services.trainer.core import TrainConfig, TrainingHooks, resolve_base, train_inserter
 from services.trainer.data import build_examples
 from services.trainer.evaluation import evaluate_model, evaluate_rule
@@ -63,17 +60,6 @@ class RunLog(TrainingHooks):
         self.steps.append({"phase": phase, "step": step, **metrics})
         shown = {k: round(v, 3) for k, v in metrics.items() if k in ("loss", "reward", "reward_std", "val_image_f1")}
         print(f"  {self.label} {phase} {step}: {shown}", flush=True)
-
-
-def ensure_collection(corpus: str) -> None:
-    with session_scope() as session:
-        try:
-            get_collection(session, corpus)
-            return
-        except UnknownCollection:
-            pass
-    print(f"ingesting {CORPORA / corpus} into {corpus} ...", flush=True)
-    print(ingest_corpus(CORPORA / corpus, corpus, DEFAULT_EMBEDDING_MODEL), flush=True)
 
 
 def row(corpus: str, setting: str, inserter: str, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -134,7 +120,7 @@ def val_questions(corpus: str, val_documents: set[str], folder: Path) -> tuple[P
 
 
 def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
-    ensure_collection(corpus)
+    ensure_corpus(CORPORA / corpus, corpus, DEFAULT_EMBEDDING_MODEL)
     started = time.monotonic()
     report = build_examples(corpus, seed=args.seed)
     print(f"{corpus}: {report.summary()} ({time.monotonic() - started:.0f} s)", flush=True)

@@ -64,17 +64,21 @@ def build_questions(corpora: Path, count: int, seed: int) -> tuple[list[dict[str
     return questions, per_corpus
 
 
+def ensure_corpus(root: Path, name: str, model: str) -> None:
+    """Ingest the corpus folder `root` into collection `name` unless that collection exists."""
+    with session_scope() as session:
+        try:
+            get_collection(session, name)
+            return
+        except UnknownCollection:
+            pass
+    print(f"ingesting {root} into {name} ...", flush=True)
+    print(ingest_corpus(root, name, model), flush=True)
+
+
 def ensure_collections(corpora: Path, model: str) -> None:
     for root in sorted(p for p in corpora.iterdir() if (p / "questions.jsonl").exists()):
-        name = f"bench-{root.name}"
-        with session_scope() as session:
-            try:
-                get_collection(session, name)
-                continue
-            except UnknownCollection:
-                pass
-        print(f"ingesting {root} into {name} ...", flush=True)
-        print(ingest_corpus(root, name, model), flush=True)
+        ensure_corpus(root, f"bench-{root.name}", model)
 
 
 # ---------------------------------------------------------------- CPU accounting
