@@ -22,6 +22,7 @@ Run against a local cluster (`m2io up --no-dashboard`); it restarts that cluster
     PYTHONPATH=. python -m bench.job_load --runs in-process cluster:1 cluster:2 \
         [--questions 1000] [--in-process-questions 1000] [--torch-threads K] [--suffix S] \
         [--out bench/results/job_load.json]
+BENCH_WORKER_ARGS="--pool solo" (say) adds options to the restarted workers, to compare pools and bootsteps.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def in_process_worker(torch_threads: int | None, work, control) -> None:
 
     from infra.sizing import TORCH_THREADS
     from services.common.celery_app import app
+    from services.common.warmup import settle_heap
     from services.generator.tasks import generate_for_query
     from services.inserter.tasks import insert_for_query
     from services.merger.tasks import merge_for_query
@@ -221,6 +223,7 @@ def in_process_worker(torch_threads: int | None, work, control) -> None:
     # The one thing replaced: the hop to the next queue is recorded, and the loop calls that task.
     app.send_task = lambda name, *args, **kwargs: handed_on.append(name)
     get_embedder(DEFAULT_EMBEDDING_MODEL).warm_up()
+    settle_heap()  # as a worker process after its warm-up
     control.send(("ready", torch.get_num_threads()))
     while control.recv() == "round":
         busy = {stage.value: 0.0 for stage in PIPELINE}
@@ -408,8 +411,10 @@ def restart_workers(cluster, concurrency: int, torch_threads: int | None, per_st
         print(f"{name}: {stop(cluster.table, name)}", flush=True)
     cluster.worker_concurrency = concurrency
     # As LocalCluster.worker_argv, with the stages of `cluster:1:inserter=2` given their own count.
-    cluster.worker_argv = lambda stage: worker_argv(
-        stage.queue, f"{stage.value}@%h", per_stage.get(stage.value, concurrency)
+    # BENCH_WORKER_ARGS (e.g. "--pool threads"): extra worker options, to compare pools and bootsteps.
+    extra = os.environ.get("BENCH_WORKER_ARGS", "").split()
+    cluster.worker_argv = lambda stage: (
+        worker_argv(stage.queue, f"{stage.value}@%h", per_stage.get(stage.value, concurrency)) + extra
     )
     cluster.ensure_workers(cluster.cluster_env(), echo=lambda line: print(line, flush=True))
     deadline = time.monotonic() + 120

@@ -113,6 +113,39 @@ def _ready(redis_url: str, name: str):
 
 
 @pytest.mark.unit
+def test_settle_heap_collects_garbage_and_freezes_the_survivors():
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    def garbage_cycles(n: int) -> list[weakref.ref]:
+        refs = []
+        for _ in range(n):
+            one, two = Cycle(), Cycle()
+            one.other, two.other = two, one
+            refs.append(weakref.ref(one))
+        return refs
+
+    before = gc.get_freeze_count()
+    gc.disable()  # no automatic collection in between: only settle_heap's
+    try:
+        refs = garbage_cycles(1000)
+        assert all(ref() is not None for ref in refs)  # cycles: only the collector frees them
+        warmup.settle_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > before + 10_000  # pytest, pydantic, sqlalchemy...: every live object
+        assert all(ref() is None for ref in refs)  # collected first, not frozen
+        garbage_cycles(10)
+        assert gc.collect() >= 20  # later garbage is collected as usual
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+@pytest.mark.unit
 def test_a_workers_state_from_its_processes_records():
     ready = {"state": "ready", "seconds": 2.5, "late_loads": 0}
     assert WorkerWarmth("w", processes=2).state == "starting"
