@@ -197,6 +197,27 @@ TINY_RUN = {
 
 
 @pytest.mark.slow
+def test_the_token_budgets_fit_the_longest_plans(examples, tiny_model):
+    """Serving's budget fits a plan that places every candidate at a far sentence; GRPO's fits every target."""
+    from transformers import AutoTokenizer
+
+    from services.common.contracts import Placement
+    from services.inserter.prompt import format_plan, plan_token_budget
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # SmolLM2's
+    for count in (1, 6, 7, 12, 20):
+        names = [f"{k}.png" for k in range(count + 9)]  # ids img10 and up: the longest
+        placements = [Placement(image=name, after=199) for name in names[9:]]
+        plan = format_plan(placements, names) + tokenizer.eos_token
+        assert len(tokenizer(plan).input_ids) <= plan_token_budget(count), count
+    train = examples.split("train")
+    lengths = [len(tokenizer(e.completion[-1]["content"]).input_ids) for e in train]
+    config = core.TrainConfig(collection=examples.collection, max_completion_length=4)
+    assert core.completion_budget(config, train, tokenizer) == max(lengths) + 2 > 4
+    roomy = core.TrainConfig(collection=examples.collection, max_completion_length=500)
+    assert core.completion_budget(roomy, train, tokenizer) == 500
+
+
 def test_a_real_sft_and_grpo_run_on_cpu(examples, tiny_model, tmp_path):
     config = core.TrainConfig(collection=examples.collection, base_model=str(tiny_model), **TINY_RUN)
     hooks = Recorder()

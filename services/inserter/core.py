@@ -28,7 +28,7 @@ import numpy as np
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement, RejectedImage
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors, candidate_texts, query_vectors
-from services.inserter.prompt import MAX_NEW_TOKENS, PlanFormatError, parse_plan, plan_messages  # noqa: F401 (re-exported)
+from services.inserter.prompt import PlanFormatError, parse_plan, plan_messages, plan_token_budget  # noqa: F401 (re-exported)
 from services.inserter.scores import slot_scores, source_slots
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
@@ -265,7 +265,8 @@ def insert(
     model = chat_model or inserter_chat_model(backend)
     raw = None
     try:
-        result = model.chat(plan_messages(units, candidates, vectors), max_new_tokens=MAX_NEW_TOKENS)
+        budget = plan_token_budget(len(candidates))
+        result = model.chat(plan_messages(units, candidates, vectors), max_new_tokens=budget)
         raw = result.text
         placements = parse_plan(raw, units, candidates)
         fallback = None

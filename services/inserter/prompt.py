@@ -35,7 +35,10 @@ RUNNER_UP = 0.5  # the runner-up's score at least this (and the best's at least 
 # A candidate without provenance whose best text match is under this is not listed (its id stays unused): the rule
 # places nothing under 0.8, and every listed candidate costs ~20 prompt tokens in training and serving.
 SHOW_MIN = 0.5
-MAX_NEW_TOKENS = 64  # a plan of 6 images is ~45 tokens
+# New tokens for a plan, from SmolLM2's tokenizer: `<answer>[]</answer>` is 8, each placement (`["img12",199],`)
+# at most 9. A fixed cap of 64 cut every plan of 7 images or more, which then fell back to the rule.
+PLAN_TAG_TOKENS = 8
+TOKENS_PER_PLACEMENT = 9
 
 SYSTEM = (
     "Place images after sentences. at N: stood after sentence N. away: from elsewhere in the doc. "
@@ -103,6 +106,16 @@ def plan_messages(
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}"},
     ]
+
+
+def plan_token_budget(candidates: int) -> int:
+    """New tokens enough for a plan that places each of `candidates` images once (a repeat is refused
+    anyway), plus the end of turn. Generation stops at the end of turn, so an unused budget costs nothing.
+
+    >>> plan_token_budget(0), plan_token_budget(6), plan_token_budget(12)
+    (10, 64, 118)
+    """
+    return PLAN_TAG_TOKENS + TOKENS_PER_PLACEMENT * candidates + 2
 
 
 def format_plan(placements: list[Placement], names: list[str], think: str | None = None) -> str:

@@ -44,7 +44,7 @@ class TrainConfig:
     steps: int = 40
     prompts_per_step: int = 1  # with a group of 4: ~8-15 s a step for the bundled model on 2 CPU cores
     num_generations: int = 4  # completions per prompt: the group GRPO compares
-    max_completion_length: int = 48  # a compact plan of 6 images is ~45 tokens of SmolLM2's tokenizer
+    max_completion_length: int = 48  # a plan of 5 images; raised to fit the longest target (completion_budget)
     learning_rate: float = 5e-5  # for LoRA adapters; full fine-tuning wants ~1e-6
     temperature: float = 1.0
     # KL to the warm-up model. 0 (DAPO and TRL's default) skips the reference model's forward pass, a third of a
@@ -297,6 +297,16 @@ def supervised_warm_up(config: TrainConfig, source: str, train: Sequence[Trainin
     return save_plain(trainer.model, tokenizer, work_dir / "sft")
 
 
+def completion_budget(config: TrainConfig, train: Sequence[TrainingExample], tokenizer) -> int:
+    """GRPO's `max_completion_length`: the configured one, raised to fit the longest target plan in `train` plus
+    the end of turn. A sampled plan cut short does not parse and earns no reward, so a cap under some targets
+    would teach the policy to drop images from exactly the passages that hold many."""
+    longest = max((len(tokenizer(e.completion[-1]["content"]).input_ids) for e in train), default=0)
+    if longest + 2 > config.max_completion_length:
+        log.info("max_completion_length %d raised to %d (longest target)", config.max_completion_length, longest + 2)
+    return max(config.max_completion_length, longest + 2)
+
+
 def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], work_dir: Path, hooks, done: int = 0):
     """GRPO from `source` for the steps not yet `done`; returns the folder of the final weights."""
     from datasets import Dataset
@@ -313,7 +323,7 @@ def grpo(config: TrainConfig, source: str, train: Sequence[TrainingExample], wor
         max_steps=config.steps - done,
         per_device_train_batch_size=config.prompts_per_step * config.num_generations,
         num_generations=config.num_generations,
-        max_completion_length=config.max_completion_length,
+        max_completion_length=completion_budget(config, train, tokenizer),
         temperature=config.temperature,
         beta=config.beta,
         learning_rate=config.learning_rate,

@@ -12,7 +12,7 @@ from typing import Any
 
 from services.common.contracts import AnswerUnit, CandidateImage, UnitSource
 from services.common.metrics import aggregate, image_precision_recall_f1, ordering_score, position_accuracy
-from services.inserter.prompt import MAX_NEW_TOKENS, PlanFormatError, parse_plan_names
+from services.inserter.prompt import PlanFormatError, parse_plan_names, plan_token_budget
 from services.trainer.data import TrainingExample
 
 
@@ -53,10 +53,11 @@ def score_plan(placements, example: TrainingExample) -> dict[str, float | None]:
 
 
 def evaluate_model(
-    source: str, examples: Sequence[TrainingExample], max_new_tokens: int = MAX_NEW_TOKENS, model=None
+    source: str, examples: Sequence[TrainingExample], max_new_tokens: int | None = None, model=None
 ) -> dict[str, Any]:
     """A model's own plans (greedy) on `examples`: an unparseable plan counts as no images (no rule fallback:
-    this scores the model, not the serving path), plus the share that parsed and the time per plan."""
+    this scores the model, not the serving path), plus the share that parsed and the time per plan.
+    `max_new_tokens`: serving's budget for each example's candidates unless given."""
     from services.common.llm import LocalChatModel
 
     model = model or LocalChatModel(source)
@@ -64,7 +65,8 @@ def evaluate_model(
     parsed = 0
     seconds = 0.0
     for example in examples:
-        result = model.chat(example.prompt, max_new_tokens=max_new_tokens)
+        budget = max_new_tokens or plan_token_budget(len(example.candidate_names))
+        result = model.chat(example.prompt, max_new_tokens=budget)
         seconds += result.seconds
         try:
             placements = parse_plan_names(result.text, example.unit_count, example.candidate_names)
