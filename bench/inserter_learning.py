@@ -143,6 +143,7 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
         num_generations=args.group,
         eval_examples=0,
         checkpoint_every=0,
+        balance_plans=args.balance_plans,
         seed=args.seed,
     )
     work = Path(tempfile.mkdtemp(prefix=f"m2io-learning-{corpus}-"))
@@ -239,6 +240,9 @@ def main() -> None:
     )
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="GRPO learning rate (LoRA)")
     parser.add_argument("--val", type=int, default=30, help="held-out gold_text examples scored (0: all)")
+    parser.add_argument(
+        "--balance-plans", action="store_true", help="plans of 0, 1, 2, 3+ images weigh alike (rarer ones repeated)"
+    )
     parser.add_argument("--skip-base", action="store_true")
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false")
     parser.add_argument("--seed", type=int, default=0)

@@ -66,6 +66,9 @@ def train(
         int | None, typer.Option(help="adapters on the top N layers only (0: all); the backward pass stops there")
     ] = None,
     sft_lora: Annotated[bool, typer.Option(help="LoRA in the warm-up too (default: full fine-tuning)")] = False,
+    balance_plans: Annotated[
+        bool, typer.Option(help="plans of 0, 1, 2, 3+ images weigh alike in training (rarer ones repeated)")
+    ] = False,
     max_completion_length: Annotated[int | None, typer.Option(help="tokens per sampled plan")] = None,
     max_train_examples: Annotated[int | None, typer.Option(help="use at most this many training examples")] = None,
     eval_examples: Annotated[int | None, typer.Option(help="validation examples scored after each phase")] = None,
@@ -100,6 +103,7 @@ def train(
                 "collection": collection,
                 "lora": lora,
                 "sft_lora": sft_lora,
+                "balance_plans": balance_plans,
                 **{k: v for k, v in given.items() if v is not None},
             }
         )
