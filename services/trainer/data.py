@@ -322,7 +322,7 @@ def balanced_by_plan_size(
     repeated until each size weighs as much as the commonest, each example at most `most_repeats` times.
 
     Most passages hold one image, so a small model learns to place exactly one. On qgc_manual every plan of
-    the warm-up model on 30 held-out passages placed one image, `img1` at its best match, whatever the gold held.
+    the trained model (warm-up + GRPO) on 30 held-out passages placed one image, `img1` at its best match.
 
     >>> one = lambda n: TrainingExample.model_construct(gold=[{"image": "a", "after": 1}] * n)
     >>> sizes = [len(e.gold) for e in balanced_by_plan_size([one(1)] * 6 + [one(2)] * 2 + [one(0)])]
