@@ -65,14 +65,19 @@ def build_questions(corpora: Path, count: int, seed: int) -> tuple[list[dict[str
     return questions, per_corpus
 
 
-def ensure_corpus(root: Path, name: str, model: str) -> None:
-    """Ingest the corpus folder `root` into collection `name` unless that collection exists."""
+def collection_exists(name: str) -> bool:
     with session_scope() as session:
         try:
             get_collection(session, name)
-            return
         except UnknownCollection:
-            pass
+            return False
+    return True
+
+
+def ensure_corpus(root: Path, name: str, model: str) -> None:
+    """Ingest the corpus folder `root` into collection `name` unless that collection exists."""
+    if collection_exists(name):
+        return
     print(f"ingesting {root} into {name} ...", flush=True)
     print(ingest_corpus(root, name, model), flush=True)
 

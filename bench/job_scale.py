@@ -70,16 +70,12 @@ def start_servers() -> None:
 
 
 def ensure_collection() -> None:
+    from bench.job_load import collection_exists
     from bench.retrieval_quality import ingest_corpus
     from services.common.embedding import DEFAULT_EMBEDDING_MODEL
-    from services.retriever.search import UnknownCollection, get_collection
 
-    try:
-        with session_scope() as session:
-            get_collection(session, COLLECTION)
+    if collection_exists(COLLECTION):
         return
-    except UnknownCollection:
-        pass
     print(f"ingesting {CORPUS} as {COLLECTION} ...", flush=True)
     print(ingest_corpus(CORPUS, COLLECTION, DEFAULT_EMBEDDING_MODEL), flush=True)
 

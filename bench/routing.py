@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bench.job_load import ensure_collections, git_commit
+from bench.job_load import collection_exists, ensure_collections, git_commit
 from bench.retrieval_quality import DEFAULT_CORPORA, ingest_corpus
 from services.client import Client
 from services.common.db import session_scope
@@ -35,7 +35,6 @@ from services.common.models import Query
 from services.common.queues import Stage
 from services.common.stage_runs import outputs_of_job
 from services.jobs.evaluate import score_job
-from services.retriever.search import UnknownCollection, get_collection
 
 METRICS = ("image_f1", "ordering", "position_accuracy", "rouge_l", "section_hit")
 BACKENDS = {"generator": "extractive", "inserter": "rule"}
@@ -69,12 +68,8 @@ def load_questions(roots: list[Path]) -> list[dict[str, Any]]:
 
 
 def ensure_merged(roots: list[Path], name: str, model: str) -> None:
-    with session_scope() as session:
-        try:
-            get_collection(session, name)
-            return
-        except UnknownCollection:
-            pass
+    if collection_exists(name):
+        return
     for root in roots:
         print(f"ingesting {root} into {name} ...", flush=True)
         print(ingest_corpus(root, name, model), flush=True)
