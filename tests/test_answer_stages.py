@@ -14,7 +14,7 @@ from services.common.db import session_scope
 from services.common.embedding import get_embedder
 from services.common.models import Answer, Job, Query
 from services.generator.core import extractive_answer
-from services.inserter.core import PlanFormatError, insert, parse_plan, rule_plan
+from services.inserter.core import PlanFormatError, insert, parse_plan, provenance_rule_plan, rule_plan
 from services.merger.core import interleave, merge, to_markdown
 
 PASSAGE = Passage(
@@ -89,6 +89,22 @@ def test_rule_keeps_document_order_and_one_image_per_slot(embedder):
     plan = rule_plan(units, [STACK, FRYING], embedder)
     assert [p.image for p in plan] == ["images/stack.jpg", "images/frying.jpg"]
     assert len({p.after for p in plan}) == len(plan)
+
+
+def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
+    """The compact prompt carries `rule N` for exactly the images the rule places (its proposal, which the model
+    keeps, drops or moves), lists them first in the rule's order, and keeps retrieval ids (img<k>)."""
+    from services.inserter.prompt import candidate_lines, plan_messages
+
+    units = [AnswerUnit(text="Fluffy pancakes for breakfast."), AnswerUnit(text="2. Fry each pancake in butter.")]
+    candidates = [CAR, FRYING, STACK]  # the rule places stack (slot 0 or 1) and frying (slot 2), not the car
+    proposal = provenance_rule_plan(units, candidates, embedder)
+    lines = candidate_lines(units, candidates, embedder)
+    tagged = [line for line in lines if " rule " in line]
+    assert [line.split()[0] for line in tagged] == ["img3", "img2"]  # the rule's plan order, retrieval ids
+    assert [int(line.split()[3]) for line in tagged] == [p.after for p in proposal]
+    assert lines[: len(tagged)] == tagged  # proposed ones first
+    assert "rule N: the rule's pick" in plan_messages(units, candidates, embedder)[0]["content"]
 
 
 def test_edge_cases_have_defined_results(embedder):

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from services.common.db import session_scope
 from services.common.models import RegisteredModel, TrainingRun, TrainingStep
@@ -284,7 +284,7 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
     from services.common.embedding import get_embedder
     from services.common.vectors import QueryVectors
     from services.inserter.core import insert
-    from services.inserter.prompt import plan_messages
+    from services.inserter.prompt import PROMPT_VERSION, plan_messages
     from services.inserter.registry import load_registered_model
     from services.trainer.runs import register_model
 
@@ -309,6 +309,18 @@ def test_a_registered_checkpoint_reloads_and_serves_a_parseable_plan(examples, t
     ]
     assert all(p.evidence == "model" for p in plan.placements)  # the plan says the model placed them
     assert load_registered_model(name).source is not None  # loaded from the folder downloaded from S3
+    assert row.meta["prompt_version"] == PROMPT_VERSION  # recorded at registration
+    # A model trained on another version of the prompt is not served it: `rule` answers, and the plan says why.
+    with session_scope() as session:
+        session.execute(
+            update(RegisteredModel)
+            .where(RegisteredModel.name == name)
+            .values(meta={**row.meta, "prompt_version": "compact-0"})
+        )
+    with session_scope() as session:
+        stale = insert(units, candidates, f"checkpoint:{name}", QueryVectors(get_embedder(), session))
+    assert stale.fallback_reason.startswith("PromptMismatch") and "compact-0" in stale.fallback_reason
+    assert stale.raw_output is None and all(p.evidence != "model" for p in stale.placements)
 
 
 # ------------------------------------------------------------------ the trainer worker against the cluster

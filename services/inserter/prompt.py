@@ -9,7 +9,11 @@ in GRPO's sampling and in serving on a CPU:
     appearance), `at <n>` when the answer's unit n came from the place the image stood in its own document
     (provenance), `away` when it stood elsewhere in a document the answer quotes, `first` when it opens its
     document, `fits <n>:<s>` its best matching slots by caption / context (the rule's score, 0-100), then the
-    first words of its caption (the context it stood in is what `fits` scored).
+    first words of its caption (the context it stood in is what `fits` scored);
+  - `rule <n>`: where the training-free `rule` backend (services/inserter/core.py, as served: provenance first,
+    then text) would place it. The candidates the rule places are listed first, in its plan's order, then the
+    rest in retrieval order: the model starts from the rule's proposal and learns where to keep, drop, move or
+    add (compact-1, without it, taught SmolLM2-135M a fixed "one image, img1" policy on qgc_manual).
 The plan: `<answer>[["img2",5],["img1",0]]</answer>` (the image, and the unit it follows; 0 = before the first),
 optionally after a `<think>...</think>`. The parser is strict: anything else is a PlanFormatError, and serving
 falls back to `rule`.
@@ -25,9 +29,10 @@ import numpy as np
 from services.common.contracts import AnswerUnit, CandidateImage, Placement
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors
+from services.inserter.rule import provenance_rule_plan
 from services.inserter.scores import slot_scores, source_slots
 
-PROMPT_VERSION = "compact-1"  # recorded with a trained model: a model answers the prompt it was trained on
+PROMPT_VERSION = "compact-2"  # recorded with a registered model: a model answers the prompt it was trained on
 UNIT_WORDS = 4
 CAPTION_WORDS = 3
 TOP_FITS = 2  # best-matching slots shown per candidate: the best, and the runner-up when it is close
@@ -42,7 +47,8 @@ TOKENS_PER_PLACEMENT = 9
 
 SYSTEM = (
     "Place images after sentences. at N: stood after sentence N. away: from elsewhere in the doc. "
-    'fits N:S: matches sentence N, score S. Reply <answer>[["img1",N]]</answer> (N=0: first), or [].'
+    "fits N:S: matches sentence N, score S. rule N: the rule's pick. "
+    'Reply <answer>[["img1",N]]</answer> (N=0: first), or [].'
 )
 
 PLAN_PATTERN = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
@@ -68,17 +74,22 @@ def words(text: str | None, count: int) -> str:
 def candidate_lines(
     units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
 ) -> list[str]:
-    """One line of evidence per candidate that has some (see the module's docstring), in retrieval order."""
+    """One line of evidence per candidate that has some (see the module's docstring): those the rule places
+    first, in its plan's order, then the others in retrieval order."""
     scores = slot_scores(units, candidates, vectors).score
     slots = source_slots(units, candidates)
+    proposed = {placement.image: placement.after for placement in rule_proposal(units, candidates, vectors)}
     quoted = {unit.source.document_id for unit in units if unit.source is not None}
     doc_ids: dict[str, int] = {}
-    lines = []
+    lines: list[tuple[tuple[int, int, int], str]] = []  # (listing order, line)
     for j, candidate in enumerate(candidates):
         doc = doc_ids.setdefault(candidate.doc_key, len(doc_ids) + 1)
-        if slots[j] is None and scores[j].max() < SHOW_MIN:
+        rule_slot = proposed.get(candidate.source_name)
+        if rule_slot is None and slots[j] is None and scores[j].max() < SHOW_MIN:
             continue
         parts = [f"img{j + 1} doc{doc}"]
+        if rule_slot is not None:
+            parts.append(f"rule {rule_slot}")
         if slots[j] is not None:
             parts.append(f"at {slots[j]}")
         elif candidate.document_id in quoted:
@@ -92,8 +103,16 @@ def candidate_lines(
         caption = words(candidate.caption, CAPTION_WORDS)
         if caption:
             parts.append(f'"{caption}"')
-        lines.append(" ".join(parts))
-    return lines
+        listed = (0, rule_slot, j) if rule_slot is not None else (1, 0, j)
+        lines.append((listed, " ".join(parts)))
+    return [line for _, line in sorted(lines)]
+
+
+def rule_proposal(
+    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
+) -> list[Placement]:
+    """The `rule` backend's plan for these units and candidates, as served (the prompt's `rule N` evidence)."""
+    return provenance_rule_plan(units, candidates, vectors)
 
 
 def plan_messages(

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from services.common.db import session_scope
+from services.common.llm.base import LLMError
 from services.common.models import RegisteredModel
 from services.common.settings import get_settings
 from services.common.storage import get_store
@@ -19,6 +20,11 @@ from services.common.storage import get_store
 
 class UnknownModel(LookupError):
     pass
+
+
+class PromptMismatch(LLMError):
+    """The model was trained on another version of the inserter's prompt than this code builds: its plans would
+    answer a prompt it never saw. Serving falls back to `rule` and the plan says why."""
 
 
 def cache_root() -> Path:
@@ -29,6 +35,11 @@ def cache_root() -> Path:
 def registered_prefix(name: str) -> str:
     """The S3 prefix of the registered inserter model `name`; UnknownModel (naming those registered)
     when there is none. One query: what submit checks before it stores a job."""
+    return registered_model(name)[0]
+
+
+def registered_model(name: str) -> tuple[str, dict]:
+    """The S3 prefix and the metadata of the registered inserter model `name` (UnknownModel when none)."""
     with session_scope() as session:
         model = session.execute(
             select(RegisteredModel).where(RegisteredModel.name == name, RegisteredModel.kind == "inserter")
@@ -36,7 +47,7 @@ def registered_prefix(name: str) -> str:
         if model is None:
             known = session.scalars(select(RegisteredModel.name).where(RegisteredModel.kind == "inserter")).all()
             raise UnknownModel(f"no registered inserter model {name!r} (registered: {', '.join(known) or 'none'})")
-        return model.s3_prefix.rstrip("/") + "/"
+        return model.s3_prefix.rstrip("/") + "/", dict(model.meta or {})
 
 
 def download_checkpoint(name: str) -> Path:
@@ -61,8 +72,22 @@ def download_checkpoint(name: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=4)
 def load_registered_model(name: str):
+    """The registered model, loaded once per process; PromptMismatch when it was trained on another prompt version
+    than this code builds (a model registered by hand, without a recorded version, is served as it is)."""
+    from services.inserter.prompt import PROMPT_VERSION
+
+    trained_on = registered_model(name)[1].get("prompt_version")
+    if trained_on and trained_on != PROMPT_VERSION:
+        raise PromptMismatch(
+            f"model {name!r} was trained on inserter prompt {trained_on}; this inserter builds {PROMPT_VERSION}"
+            " (train it again on this collection)"
+        )
+    return loaded_model(name)
+
+
+@lru_cache(maxsize=4)
+def loaded_model(name: str):
     from services.common.llm import LocalChatModel
 
     return LocalChatModel(str(download_checkpoint(name)))

@@ -32,6 +32,7 @@ from services.common.db import session_scope
 from services.common.models import Collection, RegisteredModel, TrainingRun, TrainingStep
 from services.common.settings import get_settings
 from services.common.storage import get_store
+from services.inserter.prompt import PROMPT_VERSION
 from services.trainer.core import Checkpoint, TrainConfig, TrainingHooks
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def register_model(run_id: uuid.UUID | None, config: TrainConfig, folder: Path, 
     """Upload the final weights to `models/<name>/` and register them: `--inserter checkpoint:<name>`. `run_id` is
     the training run that made them (None: weights trained elsewhere, registered by hand)."""
     name = config.name or default_model_name(config, run_id or uuid.uuid4())
+    meta = {**meta, "prompt_version": PROMPT_VERSION}  # what serving checks it builds (inserter/registry.py)
     prefix = f"models/{name}/"
     store = get_store()
     store.delete_prefix(prefix)  # a resumed run registering again replaces, never mixes, files
