@@ -93,18 +93,29 @@ def test_rule_keeps_document_order_and_one_image_per_slot(embedder):
 
 def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     """The compact prompt carries `rule N` for exactly the images the rule places (its proposal, which the model
-    keeps, drops or moves), lists them first in the rule's order, and keeps retrieval ids (img<k>)."""
-    from services.inserter.prompt import candidate_lines, plan_messages
+    keeps, drops or moves) and lists them first, as img1, img2... in the rule's order; the plan's ids are read
+    against the prompt's order."""
+    from services.inserter.prompt import build_prompt, candidate_lines, parse_plan
 
     units = [AnswerUnit(text="Fluffy pancakes for breakfast."), AnswerUnit(text="2. Fry each pancake in butter.")]
-    candidates = [CAR, FRYING, STACK]  # the rule places stack (slot 0 or 1) and frying (slot 2), not the car
+    candidates = [CAR, FRYING, STACK]  # the rule places stack (before or after unit 1) and frying (after unit 2)
     proposal = provenance_rule_plan(units, candidates, embedder)
+    assert [p.image for p in proposal] == ["images/stack.jpg", "images/frying.jpg"]
+    prompt = build_prompt(units, candidates, embedder)
+    assert [c.source_name for c in prompt.candidates] == ["images/stack.jpg", "images/frying.jpg", "images/car.jpg"]
     lines = candidate_lines(units, candidates, embedder)
-    tagged = [line for line in lines if " rule " in line]
-    assert [line.split()[0] for line in tagged] == ["img3", "img2"]  # the rule's plan order, retrieval ids
-    assert [int(line.split()[3]) for line in tagged] == [p.after for p in proposal]
-    assert lines[: len(tagged)] == tagged  # proposed ones first
-    assert "rule N: the rule's pick" in plan_messages(units, candidates, embedder)[0]["content"]
+    assert [line.split()[:3] for line in lines[:2]] == [["img1", "doc1", "rule"], ["img2", "doc1", "rule"]]
+    assert [int(line.split()[3]) for line in lines[:2]] == [p.after for p in proposal]
+    assert all(" rule " not in line for line in lines[2:])
+    assert "rule N: the rule's pick" in prompt.messages[0]["content"]
+    # the rule's own plan, written by a model, places what the rule places
+    first, second = (p.after for p in proposal)
+    answer = f'<answer>[["img1",{first}],["img2",{second}]]</answer>'
+    assert [(p.image, p.after) for p in parse_plan(answer, units, prompt.candidates)] == [
+        (p.image, p.after) for p in proposal
+    ]
+    # built again from the candidates in the prompt's order, the prompt is the same
+    assert build_prompt(units, prompt.candidates, embedder).messages == prompt.messages
 
 
 def test_edge_cases_have_defined_results(embedder):

@@ -26,7 +26,13 @@ import time
 from services.common.contracts import AnswerUnit, CandidateImage, InsertionPlan, Placement, RejectedImage
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors, query_vectors
-from services.inserter.prompt import PlanFormatError, parse_plan, plan_messages, plan_token_budget  # noqa: F401 (re-exported)
+from services.inserter.prompt import (  # noqa: F401 (re-exported)
+    PlanFormatError,
+    build_prompt,
+    parse_plan,
+    plan_messages,
+    plan_token_budget,
+)
 from services.inserter.rule import (  # noqa: F401 (re-exported: the backends' one entry point)
     MATCH_MIN,
     STRONG_MATCH,
@@ -72,9 +78,10 @@ def insert(
     try:
         model = chat_model or inserter_chat_model(backend)
         budget = plan_token_budget(len(candidates))
-        result = model.chat(plan_messages(units, candidates, vectors), max_new_tokens=budget)
+        prompt = build_prompt(units, candidates, vectors)
+        result = model.chat(prompt.messages, max_new_tokens=budget)
         raw = result.text
-        placements = parse_plan(raw, units, candidates)
+        placements = parse_plan(raw, units, prompt.candidates)
         fallback = None
         why_not = dict.fromkeys((c.source_name for c in candidates), "the model's plan leaves it out")
     except (PlanFormatError, LLMError) as error:

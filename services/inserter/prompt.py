@@ -4,16 +4,16 @@ serving (services/inserter/core.insert) alike, so a model is trained on exactly 
 The prompt is compact (~250-350 tokens with 12 candidates for SmolLM2's tokenizer) because every prompt token costs
 in GRPO's sampling and in serving on a CPU:
   - the answer's units, numbered, each cut to its first words;
-  - each candidate under a short id (`img1`... in retrieval order: img1 is the retriever's best), with the
-    evidence the training-free inserter computes (services/inserter/scores.py): `doc<k>` (its document, by first
-    appearance), `at <n>` when the answer's unit n came from the place the image stood in its own document
-    (provenance), `away` when it stood elsewhere in a document the answer quotes, `first` when it opens its
-    document, `fits <n>:<s>` its best matching slots by caption / context (the rule's score, 0-100), then the
-    first words of its caption (the context it stood in is what `fits` scored);
-  - `rule <n>`: where the training-free `rule` backend (services/inserter/core.py, as served: provenance first,
-    then text) would place it. The candidates the rule places are listed first, in its plan's order, then the
-    rest in retrieval order: the model starts from the rule's proposal and learns where to keep, drop, move or
-    add (compact-1, without it, taught SmolLM2-135M a fixed "one image, img1" policy on qgc_manual).
+  - each candidate under a short id (`img1`...) in the prompt's order (`prompt_order`: the `rule` backend's picks
+    first, in its plan's order, then the rest in retrieval order), with the evidence the training-free inserter
+    computes (services/inserter/scores.py, services/inserter/rule.py): `doc<k>` (its document, by first
+    appearance), `rule <n>` where the `rule` backend, as served (provenance first, then text), would place it,
+    `at <n>` when the answer's unit n came from the place the image stood in its own document (provenance),
+    `away` when it stood elsewhere in a document the answer quotes, `first` when it opens its document,
+    `fits <n>:<s>` its best matching slots by caption / context (the rule's score, 0-100), then the first words
+    of its caption (the context it stood in is what `fits` scored).
+The model starts from the rule's proposal and learns which picks to keep, drop or move and what to add: compact-1
+(ids in retrieval order, no proposal) taught SmolLM2-135M a fixed "one image, img1" policy on qgc_manual.
 The plan: `<answer>[["img2",5],["img1",0]]</answer>` (the image, and the unit it follows; 0 = before the first),
 optionally after a `<think>...</think>`. The parser is strict: anything else is a PlanFormatError, and serving
 falls back to `rule`.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from services.common.vectors import QueryVectors
 from services.inserter.rule import provenance_rule_plan
 from services.inserter.scores import slot_scores, source_slots
 
-PROMPT_VERSION = "compact-2"  # recorded with a registered model: a model answers the prompt it was trained on
+PROMPT_VERSION = "compact-3"  # recorded with a registered model: a model answers the prompt it was trained on
 UNIT_WORDS = 4
 CAPTION_WORDS = 3
 TOP_FITS = 2  # best-matching slots shown per candidate: the best, and the runner-up when it is close
@@ -71,60 +72,96 @@ def words(text: str | None, count: int) -> str:
     return " ".join(parts[:count]) + ("…" if len(parts) > count else "")
 
 
-def candidate_lines(
+@dataclass
+class PlanPrompt:
+    """What an LM inserter is given, and how to read its answer: `img<k>` is `candidates[k - 1]`."""
+
+    messages: list[dict[str, str]]
+    candidates: list[CandidateImage]  # in the prompt's order (see prompt_order)
+
+
+def prompt_order(proposed: dict[str, int], listed: list[bool], candidates: list[CandidateImage]) -> list[int]:
+    """Candidate indexes in the prompt's order: the rule's picks in its plan's order (by slot), then the other
+    listed candidates, then the unlisted ones, each in retrieval order. `img1` is then the rule's first pick: the
+    commonest plan (the rule's picks, in order) reads `img1`, `img2`... and a small model's prior for `img1`
+    works for it instead of against it (with ids in retrieval order, SmolLM2-135M learned to answer `img1`
+    whatever the evidence said). Applied to candidates already in this order, it keeps it.
+
+    >>> from services.common.contracts import CandidateImage
+    >>> def c(name): return CandidateImage(image_id=1, source_name=name, s3_key="k", caption=None,
+    ...     context_before=None, context_after=None, doc_key="d", score=0, reasons=[])
+    >>> prompt_order({"b": 4, "c": 1}, [True, True, True, False, True], [c(n) for n in "abcde"])
+    [2, 1, 0, 4, 3]
+    """
+
+    def key(j: int) -> tuple[int, int, int]:
+        slot = proposed.get(candidates[j].source_name)
+        if slot is not None:
+            return (0, slot, j)
+        return (1 if listed[j] else 2, 0, j)
+
+    return sorted(range(len(candidates)), key=key)
+
+
+def build_prompt(
     units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
-) -> list[str]:
-    """One line of evidence per candidate that has some (see the module's docstring): those the rule places
-    first, in its plan's order, then the others in retrieval order."""
+) -> PlanPrompt:
+    """The prompt (see the module's docstring) and the candidates in its order. A candidate without provenance,
+    rule pick or text match of SHOW_MIN is not listed (its id stays unused)."""
     scores = slot_scores(units, candidates, vectors).score
     slots = source_slots(units, candidates)
-    proposed = {placement.image: placement.after for placement in rule_proposal(units, candidates, vectors)}
+    proposed = {placement.image: placement.after for placement in provenance_rule_plan(units, candidates, vectors)}
+    listed = [
+        candidate.source_name in proposed or slots[j] is not None or scores[j].max() >= SHOW_MIN
+        for j, candidate in enumerate(candidates)
+    ]
+    order = prompt_order(proposed, listed, candidates)
     quoted = {unit.source.document_id for unit in units if unit.source is not None}
     doc_ids: dict[str, int] = {}
-    lines: list[tuple[tuple[int, int, int], str]] = []  # (listing order, line)
-    for j, candidate in enumerate(candidates):
+    lines = []
+    for k, j in enumerate(order, 1):
+        candidate = candidates[j]
         doc = doc_ids.setdefault(candidate.doc_key, len(doc_ids) + 1)
-        rule_slot = proposed.get(candidate.source_name)
-        if rule_slot is None and slots[j] is None and scores[j].max() < SHOW_MIN:
+        if not listed[j]:
             continue
-        parts = [f"img{j + 1} doc{doc}"]
-        if rule_slot is not None:
-            parts.append(f"rule {rule_slot}")
+        parts = [f"img{k} doc{doc}"]
+        if candidate.source_name in proposed:
+            parts.append(f"rule {proposed[candidate.source_name]}")
         if slots[j] is not None:
             parts.append(f"at {slots[j]}")
         elif candidate.document_id in quoted:
             parts.append("away")
         if candidate.position == 0:
             parts.append("first")
-        order = [int(s) for s in np.argsort(-scores[j])[:TOP_FITS]]
-        best = [s for rank, s in enumerate(order) if scores[j, s] > (RUNNER_UP if rank else 0)]
+        best_slots = [int(s) for s in np.argsort(-scores[j])[:TOP_FITS]]
+        best = [s for rank, s in enumerate(best_slots) if scores[j, s] > (RUNNER_UP if rank else 0)]
         if best:
             parts.append("fits " + " ".join(f"{s}:{round(100 * float(scores[j, s]))}" for s in best))
         caption = words(candidate.caption, CAPTION_WORDS)
         if caption:
             parts.append(f'"{caption}"')
-        listed = (0, rule_slot, j) if rule_slot is not None else (1, 0, j)
-        lines.append((listed, " ".join(parts)))
-    return [line for _, line in sorted(lines)]
+        lines.append(" ".join(parts))
+    sentences = "\n".join(f"{i}. {words(unit.text, UNIT_WORDS)}" for i, unit in enumerate(units, 1))
+    images = "\n".join(lines) or "(none matches)"
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}"},
+    ]
+    return PlanPrompt(messages=messages, candidates=[candidates[j] for j in order])
 
 
-def rule_proposal(
+def candidate_lines(
     units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
-) -> list[Placement]:
-    """The `rule` backend's plan for these units and candidates, as served (the prompt's `rule N` evidence)."""
-    return provenance_rule_plan(units, candidates, vectors)
+) -> list[str]:
+    """The prompt's candidate lines, in its order."""
+    return build_prompt(units, candidates, vectors).messages[1]["content"].split("Images:\n", 1)[1].splitlines()
 
 
 def plan_messages(
     units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
 ) -> list[dict[str, str]]:
     """The chat messages an LM inserter is given (in training and in serving)."""
-    sentences = "\n".join(f"{i}. {words(unit.text, UNIT_WORDS)}" for i, unit in enumerate(units, 1))
-    images = "\n".join(candidate_lines(units, candidates, vectors)) or "(none matches)"
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}"},
-    ]
+    return build_prompt(units, candidates, vectors).messages
 
 
 def plan_token_budget(candidates: int) -> int:

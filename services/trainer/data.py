@@ -37,7 +37,7 @@ from services.common.text import parse_markdown
 from services.common.vectors import QueryVectors
 from services.generator.core import generate
 from services.inserter.core import source_plan
-from services.inserter.prompt import format_plan, plan_messages
+from services.inserter.prompt import build_prompt, format_plan
 from services.retriever.search import candidate_of, retrieve
 
 # Passages with more sentences than this make prompts longer than a small model reads well (and slow on CPU).
@@ -56,11 +56,11 @@ class TrainingExample(BaseModel):
     question: str | None = None
     units: list[str]
     unit_sources: list[dict[str, Any] | None] = []  # each unit's provenance (UnitSource fields), serving examples
-    candidates: list[dict[str, Any]]  # CandidateImage fields, in the prompt's order (img1 first)
+    candidates: list[dict[str, Any]]  # CandidateImage fields, in retrieval order (as serving gets them)
     gold: list[dict[str, Any]]  # [{"image": source name, "after": sentence}]
     # derived columns the rewards read (see services/trainer/rewards.py)
     unit_count: int
-    candidate_names: list[str]
+    candidate_names: list[str]  # source names in the prompt's order: `img<k>` is candidate_names[k - 1]
     prompt: list[dict[str, str]]
     completion: list[dict[str, str]]  # the target plan, for the supervised warm-up
 
@@ -295,7 +295,8 @@ def make_example(
     variant: int = 0,
 ) -> TrainingExample:
     gold = sorted(gold, key=lambda p: p.after)
-    names = [c.source_name for c in candidates]
+    prompt = build_prompt(units, candidates, vectors)
+    names = [c.source_name for c in prompt.candidates]  # img<k> is names[k - 1]
     return TrainingExample(
         id=f"{collection}/{doc_key}#{chunk_id}/{setting}/{variant}",
         split=split,
@@ -310,7 +311,7 @@ def make_example(
         gold=[p.model_dump(mode="json") for p in gold],
         unit_count=len(units),
         candidate_names=names,
-        prompt=plan_messages(units, candidates, vectors),
+        prompt=prompt.messages,
         completion=[{"role": "assistant", "content": format_plan(gold, names)}],
     )
 
