@@ -101,7 +101,8 @@ def test_the_builder_turns_documents_into_examples(servers, tmp_path):
     assert all(any(source is not None for source in e.unit_sources) for e in served)  # answers with provenance
     assert any(e.gold for e in served)
 
-    # the serving distribution: exactly the candidates serving retrieves for the question (count and order), and
+    # the serving distribution: exactly the candidates serving retrieves for the question (count and order; the
+    # prompt lists them in its own order, candidate_names), and
     # gold_text examples with serving's count, here 2 of the corpus's 5 images
     from services.common.embedding import get_embedder
     from services.retriever.search import get_collection, retrieve
@@ -112,7 +113,8 @@ def test_the_builder_turns_documents_into_examples(servers, tmp_path):
         collection = get_collection(session, name)
         for example in (e for e in small.examples if e.setting == "serving"):
             retrieval = retrieve(session, collection, example.question, get_embedder(), max_candidates=2)
-            assert example.candidate_names == [c.source_name for c in retrieval.candidates]
+            assert [c["source_name"] for c in example.candidates] == [c.source_name for c in retrieval.candidates]
+            assert sorted(example.candidate_names) == sorted(c.source_name for c in retrieval.candidates)
     assert {e.split for e in report.examples} == {"train", "val"}
     splits_per_doc = {}
     for example in report.examples:
