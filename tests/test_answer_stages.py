@@ -95,7 +95,7 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     """The compact prompt carries `rule N` for exactly the images the rule places (its proposal, which the model
     keeps, drops or moves) and lists them first, as img1, img2... in the rule's order; the plan's ids are read
     against the prompt's order."""
-    from services.inserter.prompt import build_prompt, candidate_lines, parse_plan
+    from services.inserter.prompt import build_prompt, parse_plan
 
     units = [AnswerUnit(text="Fluffy pancakes for breakfast."), AnswerUnit(text="2. Fry each pancake in butter.")]
     candidates = [CAR, FRYING, STACK]  # the rule places stack (before or after unit 1) and frying (after unit 2)
@@ -103,7 +103,7 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     assert [p.image for p in proposal] == ["images/stack.jpg", "images/frying.jpg"]
     prompt = build_prompt(units, candidates, embedder)
     assert [c.source_name for c in prompt.candidates] == ["images/stack.jpg", "images/frying.jpg", "images/car.jpg"]
-    lines = candidate_lines(units, candidates, embedder)
+    lines = prompt.messages[1]["content"].split("Images:\n", 1)[1].splitlines()
     assert [line.split()[:3] for line in lines[:2]] == [["img1", "doc1", "rule"], ["img2", "doc1", "rule"]]
     assert [int(line.split()[3]) for line in lines[:2]] == [p.after for p in proposal]
     assert all(" rule " not in line for line in lines[2:])

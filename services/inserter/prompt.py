@@ -150,13 +150,6 @@ def build_prompt(
     return PlanPrompt(messages=messages, candidates=[candidates[j] for j in order])
 
 
-def candidate_lines(
-    units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
-) -> list[str]:
-    """The prompt's candidate lines, in its order."""
-    return build_prompt(units, candidates, vectors).messages[1]["content"].split("Images:\n", 1)[1].splitlines()
-
-
 def plan_messages(
     units: list[AnswerUnit], candidates: list[CandidateImage], vectors: QueryVectors | Embedder | None
 ) -> list[dict[str, str]]:
