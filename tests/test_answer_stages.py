@@ -116,6 +116,14 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     ]
     # built again from the candidates in the prompt's order, the prompt is the same
     assert build_prompt(units, prompt.candidates, embedder).messages == prompt.messages
+    # the text match is computed once for the evidence and the rule's plan: an LM's units are embedded once
+    from services.common.vectors import QueryVectors
+    from services.inserter.scores import slot_scores
+
+    once, built = QueryVectors(embedder), QueryVectors(embedder)
+    slot_scores(units, candidates, once)
+    build_prompt(units, candidates, built)
+    assert built.embedded == once.embedded > 0
 
 
 def test_edge_cases_have_defined_results(embedder):

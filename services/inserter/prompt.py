@@ -29,7 +29,7 @@ import numpy as np
 
 from services.common.contracts import AnswerUnit, CandidateImage, Placement
 from services.common.embedding import Embedder
-from services.common.vectors import QueryVectors
+from services.common.vectors import QueryVectors, query_vectors
 from services.inserter.rule import provenance_rule_plan
 from services.inserter.scores import slot_scores, source_slots
 
@@ -108,9 +108,12 @@ def build_prompt(
 ) -> PlanPrompt:
     """The prompt (see the module's docstring) and the candidates in its order. A candidate without provenance,
     rule pick or text match of SHOW_MIN is not listed (its id stays unused)."""
-    scores = slot_scores(units, candidates, vectors).score
+    vectors = query_vectors(vectors)
+    scored = slot_scores(units, candidates, vectors)  # once: the `fits` evidence and the rule's plan read it
+    scores = scored.score
     slots = source_slots(units, candidates)
-    proposed = {placement.image: placement.after for placement in provenance_rule_plan(units, candidates, vectors)}
+    proposal = provenance_rule_plan(units, candidates, vectors, scored=scored)
+    proposed = {placement.image: placement.after for placement in proposal}
     listed = [
         candidate.source_name in proposed or slots[j] is not None or scores[j].max() >= SHOW_MIN
         for j, candidate in enumerate(candidates)

@@ -8,7 +8,7 @@ import numpy as np
 from services.common.contracts import AnswerUnit, CandidateImage, Placement
 from services.common.embedding import Embedder
 from services.common.vectors import QueryVectors, candidate_texts, query_vectors
-from services.inserter.scores import slot_scores, source_slots
+from services.inserter.scores import SlotScores, slot_scores, source_slots
 
 # Cosine threshold for all-MiniLM-L6-v2, swept on the manual corpus with gold answer text
 # (0.62 -> F1 0.76, 0.70 -> 0.85, 0.80 -> 0.90, 0.85 -> 0.88; bench/README.md): below it a unit is
@@ -25,13 +25,15 @@ def rule_plan(
     vectors: QueryVectors | Embedder,
     match_min: float = MATCH_MIN,
     why_not: dict[str, str] | None = None,
+    scored: SlotScores | None = None,
 ) -> list[Placement]:
     """Images placed by text: the unit vectors (stored for source units, embedded for an LM's) against
     each candidate's stored caption / context / image-text vectors. `why_not`, when given, gets the
-    reason of each candidate left out."""
+    reason of each candidate left out; `scored`, when given, is `slot_scores` already computed for these
+    units and candidates (the learned inserter's prompt computes them for its own evidence)."""
     if not units or not candidates:
         return []
-    scored = slot_scores(units, candidates, vectors)
+    scored = scored or slot_scores(units, candidates, vectors)
     score, why = scored.score, scored.why
     n = len(units)
     # Greedy: the strongest (image, slot) pairs first, under the plan's constraints.
@@ -97,14 +99,15 @@ def provenance_rule_plan(
     candidates: list[CandidateImage],
     vectors: QueryVectors | Embedder | None,
     why_not: dict[str, str] | None = None,
+    scored: SlotScores | None = None,
 ) -> list[Placement]:
     """The `rule` backend: provenance first, then text matching for what provenance cannot place.
-    `why_not`, when given, gets the reason of each candidate left out."""
+    `why_not`, when given, gets the reason of each candidate left out; `scored` as in `rule_plan`."""
     why_not = {} if why_not is None else why_not
     sourced = source_plan(units, candidates)
     source_documents = {unit.source.document_id for unit in units if unit.source is not None}
     if not source_documents:
-        return rule_plan(units, candidates, vectors, why_not=why_not)
+        return rule_plan(units, candidates, vectors, why_not=why_not, scored=scored)
     placed = {placement.image for placement in sourced}
     others = [c for c in candidates if c.source_name not in placed and c.document_id not in source_documents]
     for candidate in candidates:
