@@ -119,20 +119,37 @@ def val_questions(corpus: str, val_documents: set[str], folder: Path) -> tuple[P
     return path, len(lines)
 
 
-def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
+class Results:
+    """The results file, written again after every row: a run stopped part-way keeps what it measured."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path, self.data = path, data
+
+    def add(self, found: dict[str, Any]) -> None:
+        self.data["rows"].append(found)
+        print(f"  {found['inserter']} ({found['setting']}): {found}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.data["verdicts"] = verdicts(self.data["rows"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) -> None:
     ensure_corpus(CORPORA / corpus, corpus, DEFAULT_EMBEDDING_MODEL)
     started = time.monotonic()
     report = build_examples(corpus, seed=args.seed)
     print(f"{corpus}: {report.summary()} ({time.monotonic() - started:.0f} s)", flush=True)
+    found: dict[str, Any] = {"data": report.summary(), "curves": {}}
+    results.data["corpora"][corpus] = found
     train = report.split("train")
     val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
     val = val[: args.val] if args.val else val
-    rows = [row(corpus, "gold_text", "rule", evaluate_rule(val))]
-    print(f"  rule (gold_text): {rows[-1]}", flush=True)
+    results.add(row(corpus, "gold_text", "rule", evaluate_rule(val)))
     base = resolve_base(args.base)
     if not args.skip_base:
-        rows.append(row(corpus, "gold_text", "base", evaluate_model(base, val)))
-        print(f"  base (gold_text): {rows[-1]}", flush=True)
+        results.add(row(corpus, "gold_text", "base", evaluate_model(base, val)))
     common = dict(
         collection=corpus,
         lora=True,
@@ -153,7 +170,12 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
         name=f"{corpus}-sft-{stamp}",
         sft_steps=args.sft_steps,
         steps=0,
-        **{**common, "sft_lora": args.sft_lora, "sft_learning_rate": args.sft_learning_rate},
+        **{
+            **common,
+            "sft_lora": args.sft_lora,
+            "sft_learning_rate": args.sft_learning_rate,
+            "sft_top_layers": args.sft_top_layers,
+        },
     )
     sft_dir, sft_log, sft_seconds, sft_run = train_recorded(sft_config, train, work / "sft", f"{corpus} sft")
     models: dict[str, tuple[Path, float, RunLog, uuid.UUID, TrainConfig]] = {
@@ -175,12 +197,12 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
         label = f"grpo-alpha-{alpha:g}"
         out, log, seconds, run_id = train_recorded(variant, train, work / label, f"{corpus} {label}")
         models[label] = (out, seconds, log, run_id, variant)
-    curves = {}
     for name, (model_dir, seconds, log, _run, model_config) in models.items():
         grpo_steps = [s for s in log.steps if s["phase"] == "grpo"]
         step_seconds = [s["step_time"] for s in grpo_steps if "step_time" in s]
         metrics = evaluate_model(str(model_dir), val)
-        rows.append(
+        found["curves"][name] = log.steps
+        results.add(
             row(
                 corpus,
                 "gold_text",
@@ -191,18 +213,15 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path) -> dict[str, Any]:
                 s_per_grpo_step=round(statistics.median(step_seconds), 2) if step_seconds else None,
             )
         )
-        curves[name] = log.steps
-        print(f"  {name} (gold_text): {rows[-1]}", flush=True)
     if args.end_to_end:
         questions, count = val_questions(corpus, {e.doc_key for e in report.split("val")}, folder)
         print(f"  end_to_end: {count} questions of held-out documents", flush=True)
         client = Client()
-        rows.append(row(corpus, "end_to_end", "rule", served(client, corpus, questions, "rule")))
+        results.add(row(corpus, "end_to_end", "rule", served(client, corpus, questions, "rule")))
         for name in ("sft", "grpo"):
             model_dir, _, _, run_id, model_config = models[name]
             registered = register_model(run_id, model_config, model_dir, {"bench": "inserter_learning"})
-            rows.append(row(corpus, "end_to_end", name, served(client, corpus, questions, f"checkpoint:{registered}")))
-    return {"data": report.summary(), "rows": rows, "curves": curves}
+            results.add(row(corpus, "end_to_end", name, served(client, corpus, questions, f"checkpoint:{registered}")))
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -233,6 +252,9 @@ def main() -> None:
     parser.add_argument("--lora-top-layers", type=int, default=8)
     parser.add_argument("--sft-learning-rate", type=float, default=5e-5)
     parser.add_argument(
+        "--sft-top-layers", type=int, default=0, help="the warm-up trains the top N layers only (0: every weight)"
+    )
+    parser.add_argument(
         "--sft-lora",
         action="store_true",
         help="LoRA in the warm-up too (default: full fine-tuning, which learns the"
@@ -250,7 +272,7 @@ def main() -> None:
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%m%d%H%M")
-    results: dict[str, Any] = {
+    data: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "hardware": hardware(),
@@ -258,15 +280,12 @@ def main() -> None:
         "corpora": {},
         "rows": [],
     }
+    results = Results(args.out, data)
     with tempfile.TemporaryDirectory(prefix="m2io-learning-") as folder:
         for corpus in args.corpora:
-            found = bench_corpus(corpus, args, stamp, Path(folder))
-            results["rows"] += found.pop("rows")
-            results["corpora"][corpus] = found
-            results["verdicts"] = verdicts(results["rows"])
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    for line in results["verdicts"]:
+            bench_corpus(corpus, args, stamp, Path(folder), results)
+    results.write()
+    for line in data["verdicts"]:
         print(line)
     print(f"wrote {args.out}")
 

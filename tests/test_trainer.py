@@ -267,6 +267,32 @@ def test_lora_adapters_are_trained_and_merged_into_a_plain_checkpoint(examples, 
     assert reply.completion_tokens > 0
 
 
+def test_a_warm_up_of_the_top_layers_changes_only_those_weights(examples, tiny_model, tmp_path):
+    """`sft_top_layers`: the lower layers and the (tied) embeddings keep the base model's weights, the top layer and
+    the final norm are trained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = core.TrainConfig(
+        collection=examples.collection,
+        base_model=str(tiny_model),
+        sft_steps=2,
+        sft_batch_size=2,
+        sft_learning_rate=1e-2,
+        sft_top_layers=1,
+        steps=0,
+        eval_examples=0,
+    )
+    result = core.train_inserter(config, examples.split("train"), [], tmp_path)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result.model_dir).state_dict()
+    changed = {name for name, weight in after.items() if not torch.equal(weight, before[name])}
+    assert changed and all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed), changed
+    assert any(name.startswith("model.layers.1.mlp.") for name in changed)
+    with pytest.raises(ValueError, match="sft_top_layers"):
+        core.TrainConfig(collection="c", sft_top_layers=-1).validate()
+
+
 def memorised_model(tiny_model: Path, example: data.TrainingExample, folder: Path) -> Path:
     """The tiny model taught one plan by heart (plain SFT, many steps on one example)."""
     config = core.TrainConfig(

@@ -66,6 +66,10 @@ def train(
         int | None, typer.Option(help="adapters on the top N layers only (0: all); the backward pass stops there")
     ] = None,
     sft_lora: Annotated[bool, typer.Option(help="LoRA in the warm-up too (default: full fine-tuning)")] = False,
+    sft_learning_rate: Annotated[float | None, typer.Option(help="warm-up learning rate")] = None,
+    sft_top_layers: Annotated[
+        int | None, typer.Option(help="the warm-up trains the top N layers only (0: every weight); about 2x faster")
+    ] = None,
     balance_plans: Annotated[
         bool, typer.Option(help="plans of 0, 1, 2, 3+ images weigh alike in training (rarer ones repeated)")
     ] = False,
@@ -91,6 +95,8 @@ def train(
         "learning_rate": learning_rate,
         "beta": beta,
         "lora_top_layers": lora_top_layers,
+        "sft_learning_rate": sft_learning_rate,
+        "sft_top_layers": sft_top_layers,
         "max_completion_length": max_completion_length,
         "max_train_examples": max_train_examples,
         "eval_examples": eval_examples,
