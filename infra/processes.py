@@ -37,6 +37,8 @@ class ProcessRecord:
     log: str
     port: int | None = None
     extra: dict = field(default_factory=dict)
+    # Its start in clock ticks since boot (Linux): unlike create_time, it does not move when the clock is adjusted.
+    start_ticks: int | None = None
 
     def is_alive(self) -> bool:
         try:
@@ -46,10 +48,30 @@ class ProcessRecord:
             # than 0.05 s within an hour, and `m2io down` took live servers for stale pid files. Linux
             # hands out pids in increasing order, so another process with this pid started within
             # CREATE_TIME_TOLERANCE_S of the recorded one is not a risk.
-            same = abs(process.create_time() - self.create_time) < CREATE_TIME_TOLERANCE_S
+            # After a fresh boot the clock was stepped by more than 2 s within minutes, and `m2io down` removed the
+            # pid files of a live cluster and left it running: where the start ticks are known, they decide.
+            ticks = start_ticks(self.pid) if self.start_ticks is not None else None
+            if ticks is not None:
+                same = ticks == self.start_ticks
+            else:
+                same = abs(process.create_time() - self.create_time) < CREATE_TIME_TOLERANCE_S
             return same and process.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None without /proc.
+
+    >>> start_ticks(os.getpid()) == start_ticks(os.getpid()) and start_ticks(os.getpid()) > 0
+    True
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
+    return int(fields[19])
 
 
 class ProcessTable:
@@ -216,6 +238,7 @@ def spawn(
         name=name,
         pid=process.pid,
         create_time=psutil.Process(process.pid).create_time(),
+        start_ticks=start_ticks(process.pid),
         argv=argv,
         log=str(log),
         port=port,

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra.processes import CREATE_TIME_TOLERANCE_S, ProcessRecord
+from infra.processes import CREATE_TIME_TOLERANCE_S, ProcessRecord, start_ticks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = [f"worker-{stage}" for stage in ("retriever", "generator", "inserter", "merger", "trainer")]
@@ -490,3 +490,17 @@ def test_a_pid_record_survives_boot_time_drift():
     assert ProcessRecord("me", me.pid, started + 0.5, argv, log="-").is_alive()
     assert ProcessRecord("me", me.pid, started - 0.5, argv, log="-").is_alive()
     assert not ProcessRecord("me", me.pid, started - 60, argv, log="-").is_alive()
+
+
+@pytest.mark.unit
+def test_a_pid_record_with_start_ticks_survives_a_clock_step():
+    """A record with the process's start ticks since boot is that process whatever the wall clock did since
+    (a fresh VM's clock was stepped by more than 2 s, and `m2io down` left a live cluster running); a record
+    whose ticks differ is another process that reused the pid, even with the create time right."""
+    me = psutil.Process()
+    started, argv = me.create_time(), me.cmdline()
+    ticks = start_ticks(me.pid)
+    assert ticks is not None
+    assert ProcessRecord("me", me.pid, started - 60, argv, log="-", start_ticks=ticks).is_alive()
+    assert not ProcessRecord("me", me.pid, started, argv, log="-", start_ticks=ticks + 1).is_alive()
+    assert ProcessRecord("me", me.pid, started, argv, log="-").is_alive()  # a record written before: create time
