@@ -93,8 +93,8 @@ def test_rule_keeps_document_order_and_one_image_per_slot(embedder):
 
 def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     """The compact prompt carries `rule N` for exactly the images the rule places (its proposal, which the model
-    keeps, drops or moves) and lists them first, as img1, img2... in the rule's order; the plan's ids are read
-    against the prompt's order."""
+    keeps, drops or moves), lists them first, as img1, img2... in the rule's order, and ends with the rule's whole
+    plan in the answer's syntax; the plan's ids are read against the prompt's order."""
     from services.inserter.prompt import build_prompt, parse_plan
 
     units = [AnswerUnit(text="Fluffy pancakes for breakfast."), AnswerUnit(text="2. Fry each pancake in butter.")]
@@ -104,6 +104,7 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     prompt = build_prompt(units, candidates, embedder)
     assert [c.source_name for c in prompt.candidates] == ["images/stack.jpg", "images/frying.jpg", "images/car.jpg"]
     lines = prompt.messages[1]["content"].split("Images:\n", 1)[1].splitlines()
+    rule_line = lines.pop()  # the rule's whole plan, last, in the answer's syntax
     assert [line.split()[:3] for line in lines[:2]] == [["img1", "doc1", "rule"], ["img2", "doc1", "rule"]]
     assert [int(line.split()[3]) for line in lines[:2]] == [p.after for p in proposal]
     assert all(" rule " not in line for line in lines[2:])
@@ -111,6 +112,8 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     # the rule's own plan, written by a model, places what the rule places
     first, second = (p.after for p in proposal)
     answer = f'<answer>[["img1",{first}],["img2",{second}]]</answer>'
+    assert rule_line == f"Rule: {answer.removeprefix('<answer>').removesuffix('</answer>')}"
+    assert "Rule: the rule's plan" in prompt.messages[0]["content"]
     assert [(p.image, p.after) for p in parse_plan(answer, units, prompt.candidates)] == [
         (p.image, p.after) for p in proposal
     ]

@@ -11,9 +11,12 @@ in GRPO's sampling and in serving on a CPU:
     `at <n>` when the answer's unit n came from the place the image stood in its own document (provenance),
     `away` when it stood elsewhere in a document the answer quotes, `first` when it opens its document,
     `fits <n>:<s>` its best matching slots by caption / context (the rule's score, 0-100), then the first words
-    of its caption (the context it stood in is what `fits` scored).
+    of its caption (the context it stood in is what `fits` scored);
+  - `Rule: [["img1",3],["img2",5]]`: the rule's whole plan, written in the answer's own syntax.
 The model starts from the rule's proposal and learns which picks to keep, drop or move and what to add: compact-1
-(ids in retrieval order, no proposal) taught SmolLM2-135M a fixed "one image, img1" policy on qgc_manual.
+(ids in retrieval order, no proposal) taught SmolLM2-135M a fixed "one image, img1" policy on qgc_manual, and with
+the proposal only as `rule N` tags on the candidates' lines (compact-3) it copied the first pick and stopped. A
+literal copy of a line is what a small model does well, so the plan is also there as one line (compact-4).
 The plan: `<answer>[["img2",5],["img1",0]]</answer>` (the image, and the unit it follows; 0 = before the first),
 optionally after a `<think>...</think>`. The parser is strict: anything else is a PlanFormatError, and serving
 falls back to `rule`.
@@ -33,7 +36,7 @@ from services.common.vectors import QueryVectors, query_vectors
 from services.inserter.rule import provenance_rule_plan
 from services.inserter.scores import slot_scores, source_slots
 
-PROMPT_VERSION = "compact-3"  # recorded with a registered model: a model answers the prompt it was trained on
+PROMPT_VERSION = "compact-4"  # recorded with a registered model: a model answers the prompt it was trained on
 UNIT_WORDS = 4
 CAPTION_WORDS = 3
 TOP_FITS = 2  # best-matching slots shown per candidate: the best, and the runner-up when it is close
@@ -48,7 +51,7 @@ TOKENS_PER_PLACEMENT = 9
 
 SYSTEM = (
     "Place images after sentences. at N: stood after sentence N. away: from elsewhere in the doc. "
-    "fits N:S: matches sentence N, score S. rule N: the rule's pick. "
+    "fits N:S: matches sentence N, score S. rule N: the rule's pick. Rule: the rule's plan. "
     'Reply <answer>[["img1",N]]</answer> (N=0: first), or [].'
 )
 
@@ -144,11 +147,14 @@ def build_prompt(
         if caption:
             parts.append(f'"{caption}"')
         lines.append(" ".join(parts))
+    # the rule's plan in the answer's own syntax: a copy is the default a small model falls back on
+    names = [candidates[j].source_name for j in order]
+    rule_line = format_plan(proposal, names).removeprefix("<answer>").removesuffix("</answer>")
     sentences = "\n".join(f"{i}. {words(unit.text, UNIT_WORDS)}" for i, unit in enumerate(units, 1))
     images = "\n".join(lines) or "(none matches)"
     messages = [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}"},
+        {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}\nRule: {rule_line}"},
     ]
     return PlanPrompt(messages=messages, candidates=[candidates[j] for j in order])
 
