@@ -68,7 +68,8 @@ def train(
     sft_lora: Annotated[bool, typer.Option(help="LoRA in the warm-up too (default: full fine-tuning)")] = False,
     sft_learning_rate: Annotated[float | None, typer.Option(help="warm-up learning rate")] = None,
     sft_top_layers: Annotated[
-        int | None, typer.Option(help="the warm-up trains the top N layers only (0: every weight); about 2x faster")
+        int | None,
+        typer.Option(help="the warm-up trains the top N layers only (0: every weight); the backward pass stops there"),
     ] = None,
     balance_plans: Annotated[
         bool, typer.Option(help="plans of 0, 1, 2, 3+ images weigh alike in training (rarer ones repeated)")

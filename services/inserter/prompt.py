@@ -147,16 +147,18 @@ def build_prompt(
         if caption:
             parts.append(f'"{caption}"')
         lines.append(" ".join(parts))
+    in_order = [candidates[j] for j in order]
     # the rule's plan in the answer's own syntax: a copy is the default a small model falls back on
-    names = [candidates[j].source_name for j in order]
-    rule_line = format_plan(proposal, names).removeprefix("<answer>").removesuffix("</answer>")
+    rule_line = (
+        format_plan(proposal, [c.source_name for c in in_order]).removeprefix("<answer>").removesuffix("</answer>")
+    )
     sentences = "\n".join(f"{i}. {words(unit.text, UNIT_WORDS)}" for i, unit in enumerate(units, 1))
     images = "\n".join(lines) or "(none matches)"
     messages = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}\nRule: {rule_line}"},
     ]
-    return PlanPrompt(messages=messages, candidates=[candidates[j] for j in order])
+    return PlanPrompt(messages=messages, candidates=in_order)
 
 
 def plan_messages(
