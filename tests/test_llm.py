@@ -120,6 +120,30 @@ def test_chat_text_and_token_counts(model: LocalChatModel):
     assert raw.completion_tokens == 4 and "Berlin" in raw.text
 
 
+def test_prompt_lookup_decoding_gives_the_greedy_reply_in_fewer_passes(model: LocalChatModel):
+    """Greedy replies are drafted from the prompt's n-grams and verified: a reply that copies the prompt (as an
+    inserter plan copies its `Rule:` line) comes out the same as token-by-token decoding, in fewer forward passes."""
+    copy = [{"role": "user", "content": 'Repeat exactly: Rule: [["img1",3],["img2",5],["img4",9],["img3",12]]'}]
+    passes = []
+    hook = model._model.register_forward_hook(lambda module, args, output: passes.append(1))
+    try:
+        assert model.prompt_lookup > 0  # on by default
+        drafted = model.chat(copy, max_new_tokens=48)
+        drafted_passes = len(passes)
+        model.prompt_lookup, plain_passes = 0, len(passes)
+        plain = model.chat(copy, max_new_tokens=48)
+        plain_passes = len(passes) - plain_passes
+    finally:
+        model.prompt_lookup = llm.local.PROMPT_LOOKUP_TOKENS
+        hook.remove()
+    assert drafted.text == plain.text and '["img1",3]' in plain.text
+    assert drafted.completion_tokens == plain.completion_tokens
+    assert plain_passes == plain.completion_tokens  # one pass per token without drafts
+    assert drafted_passes < plain_passes / 2, (drafted_passes, plain_passes)
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        LocalChatModel(prompt_lookup=-1)
+
+
 def test_timeout_stops_generation(model: LocalChatModel):
     started = time.monotonic()
     with pytest.raises(LLMTimeout) as raised:

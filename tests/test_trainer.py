@@ -293,6 +293,17 @@ def test_a_warm_up_of_the_top_layers_changes_only_those_weights(examples, tiny_m
         core.TrainConfig(collection="c", sft_top_layers=-1).validate()
 
 
+@pytest.mark.unit
+def test_top_layer_training_refuses_a_model_it_cannot_cut_with_a_clear_error():
+    """GPT-2 keeps its layers at `transformer.h`, not `model.layers`: a ValueError that says what to do, not an
+    AttributeError from deep inside the warm-up."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match="Llama-style model .*GPT2LMHeadModel.*sft_top_layers=0"):
+        core.train_top_layers(gpt2, 1)
+
+
 def memorised_model(tiny_model: Path, example: data.TrainingExample, folder: Path) -> Path:
     """The tiny model taught one plan by heart (plain SFT, many steps on one example)."""
     config = core.TrainConfig(

@@ -179,11 +179,18 @@ def save_plain(model, tokenizer, folder: Path) -> Path:
 def train_top_layers(model, count: int) -> int:
     """Freeze every weight but those of the top `count` transformer layers and the final norm; returns how many
     weights stay trainable. The embeddings (tied to the output head in SmolLM2) stay frozen: the backward pass then
-    stops at the lowest trained layer."""
-    layers = model.model.layers
+    stops at the lowest trained layer. A model without a decoder stack at `model.model.layers` and a final norm at
+    `model.model.norm` (Llama, Qwen2, Mistral and SmolLM2 have both) is refused with a ValueError."""
+    decoder = getattr(model, "model", None)
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if layers is None or norm is None:
+        raise ValueError(
+            f"sft_top_layers needs a Llama-style model (model.model.layers and model.model.norm); "
+            f"{type(model).__name__} has not: train all layers (sft_top_layers=0) or use LoRA"
+        )
     first = max(0, len(layers) - count)
     trained = {id(p) for layer in layers[first:] for p in layer.parameters()}
-    trained |= {id(p) for p in model.model.norm.parameters()}
+    trained |= {id(p) for p in norm.parameters()}
     for parameter in model.parameters():
         parameter.requires_grad = id(parameter) in trained
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -33,15 +33,31 @@ def _deadline_criteria(deadline: float):
     return Deadline()
 
 
+# Greedy replies are drafted from n-grams of the prompt (transformers' prompt lookup decoding) and checked by the
+# model in one forward pass: an inserter plan that copies the prompt's `Rule:` line, or an answer quoting its
+# sources, costs a few passes instead of one per token. The result is the greedy result, up to floating-point
+# ties between a batched and a token-by-token pass.
+PROMPT_LOOKUP_TOKENS = 10
+
+
 class LocalChatModel:
-    """A causal LM run in this process. Cheap to construct; `warm_up()` (or the first call) loads it."""
+    """A causal LM run in this process. Cheap to construct; `warm_up()` (or the first call) loads it.
+
+    `prompt_lookup`: tokens drafted from the prompt per step of greedy decoding (0: plain greedy decoding)."""
 
     def __init__(
-        self, name_or_path: str = DEFAULT_LOCAL_MODEL, device: str | None = None, cache_dir: Path | None = None
+        self,
+        name_or_path: str = DEFAULT_LOCAL_MODEL,
+        device: str | None = None,
+        cache_dir: Path | None = None,
+        prompt_lookup: int = PROMPT_LOOKUP_TOKENS,
     ):
+        if prompt_lookup < 0:
+            raise ValueError("prompt_lookup must be >= 0")
         self.name = name_or_path
         self.device = device
         self.cache_dir = cache_dir
+        self.prompt_lookup = prompt_lookup
         self.source: Path | str | None = None  # what was actually loaded (converted folder, path or hub id)
         self.load_seconds: float | None = None
         self._model = None
@@ -152,6 +168,8 @@ class LocalChatModel:
             raise ValueError("temperature must be >= 0")
         deadline = _deadline_criteria(started + timeout_s) if timeout_s is not None else None
         sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if self.prompt_lookup:
+            sampling["prompt_lookup_num_tokens"] = self.prompt_lookup
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
         eos = model.generation_config.eos_token_id
