@@ -136,12 +136,32 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def kept_from(earlier: dict[str, Any], data: dict[str, Any], corpora: list[str]) -> dict[str, Any]:
+    """`data` (a new run's results) with the rows and corpus entries of an earlier results file for the corpora this
+    run does not bench; each corpus entry keeps the settings, commit and start it was run with.
+
+    >>> old = {"started_at": "t0", "commit": "a", "settings": {"steps": 40}, "corpora": {"x": {}, "y": {}},
+    ...        "rows": [{"corpus": "x", "f1": 0.5}, {"corpus": "y", "f1": 0.9}]}
+    >>> new = kept_from(old, {"started_at": "t1", "commit": "b", "settings": {"steps": 60}, "corpora": {},
+    ...                       "rows": []}, ["y"])
+    >>> new["rows"], new["corpora"]["x"]["run"]
+    ([{'corpus': 'x', 'f1': 0.5}], {'started_at': 't0', 'commit': 'a', 'settings': {'steps': 40}})
+    """
+    merged = {**data, "corpora": {}, "rows": [r for r in earlier.get("rows", []) if r["corpus"] not in corpora]}
+    for corpus, found in earlier.get("corpora", {}).items():
+        if corpus not in corpora:
+            run = {key: earlier.get(key) for key in ("started_at", "commit", "settings")}
+            merged["corpora"][corpus] = {"run": run, **found}
+    return merged
+
+
 def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) -> None:
     ensure_corpus(CORPORA / corpus, corpus, DEFAULT_EMBEDDING_MODEL)
     started = time.monotonic()
     report = build_examples(corpus, seed=args.seed)
     print(f"{corpus}: {report.summary()} ({time.monotonic() - started:.0f} s)", flush=True)
-    found: dict[str, Any] = {"data": report.summary(), "curves": {}}
+    run = {key: results.data.get(key) for key in ("started_at", "commit", "settings")}
+    found: dict[str, Any] = {"run": run, "data": report.summary(), "curves": {}}
     results.data["corpora"][corpus] = found
     train = report.split("train")
     val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
@@ -269,6 +289,11 @@ def main() -> None:
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/inserter_learning.json"))
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the rows of the other corpora already in --out (one corpus per run, one results file)",
+    )
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%m%d%H%M")
@@ -280,6 +305,8 @@ def main() -> None:
         "corpora": {},
         "rows": [],
     }
+    if args.add and args.out.exists():
+        data = kept_from(json.loads(args.out.read_text(encoding="utf-8")), data, args.corpora)
     results = Results(args.out, data)
     with tempfile.TemporaryDirectory(prefix="m2io-learning-") as folder:
         for corpus in args.corpora:

@@ -30,10 +30,11 @@ NAMES = ["x.jpg", "a.jpg", "y.jpg", "b.jpg"]
 
 
 @pytest.mark.unit
-def test_doctests_of_rewards_data_core_and_plan_parser():
+def test_doctests_of_the_trainer_the_prompt_and_the_learning_bench():
+    from bench import inserter_learning
     from services.inserter import prompt, scores
 
-    for module in (rewards, data, core, prompt, scores):
+    for module in (rewards, data, core, prompt, scores, inserter_learning):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 

@@ -1,0 +1,137 @@
+"""Issue 15: what one plan of a learned inserter costs when served, with and without prompt lookup decoding.
+
+The whole serving call, `insert(units, candidates, "checkpoint:…", QueryVectors(…))` as the inserter worker makes
+it (the prompt built from the stored vectors, the model's greedy plan, the strict parse), on a collection's held-out
+`gold_text` examples; the same model object with `prompt_lookup` 0 (one forward pass per token) and the default,
+alternated example by example so that both see the same machine load. It also checks that both settings give the
+same plans (prompt lookup keeps the greedy result).
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python -m bench.inserter_serving --corpus qgc_manual \
+        --model <registered name or folder> \
+        [--val 30] [--rounds 2] [--threads 1]
+
+The corpus must be ingested in the running local cluster (`m2io up`; bench.inserter_learning does both).
+Results: bench/results/inserter_serving.json and bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.inserter_training import hardware
+from bench.job_load import git_commit
+from services.common.db import session_scope
+from services.common.embedding import get_embedder
+from services.common.llm import LocalChatModel
+from services.common.llm.local import PROMPT_LOOKUP_TOKENS
+from services.common.vectors import QueryVectors
+from services.inserter.core import insert
+from services.inserter.registry import download_checkpoint
+from services.trainer.data import build_examples
+from services.trainer.evaluation import example_inputs
+
+
+class Timed:
+    """The model as `insert` calls it, keeping the last reply (its generation seconds and token counts)."""
+
+    def __init__(self, model: LocalChatModel):
+        self.model, self.last = model, None
+
+    def chat(self, messages, **options):
+        self.last = self.model.chat(messages, **options)
+        return self.last
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="qgc_manual", help="an ingested collection")
+    parser.add_argument("--model", required=True, help="a registered inserter model's name, or a model folder")
+    parser.add_argument("--val", type=int, default=30, help="held-out gold_text examples (0: all)")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the examples (the first warms caches)")
+    parser.add_argument("--lookup", type=int, default=PROMPT_LOOKUP_TOKENS, help="prompt lookup tokens (on)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: as an inserter worker of `m2io up`)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/inserter_serving.json"))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        folder = download_checkpoint(args.model)  # UnknownModel names the registered ones
+    report = build_examples(args.corpus, seed=args.seed)
+    val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
+    val = val[: args.val] if args.val else val
+    model = LocalChatModel(str(folder))
+    model.warm_up()
+    settings = {"lookup-0": 0, f"lookup-{args.lookup}": args.lookup}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    generation: dict[str, list[float]] = {name: [] for name in settings}
+    tokens: list[tuple[int, int]] = []
+    timed = Timed(model)
+    plans: dict[str, dict[str, Any]] = {name: {} for name in settings}
+    embedder = get_embedder()
+    for round_ in range(args.rounds):
+        for index, example in enumerate(val):
+            units, candidates = example_inputs(example)
+            # alternate which setting goes first, so neither always follows the other's cache warm-up
+            order = list(settings.items()) if index % 2 == 0 else list(reversed(settings.items()))
+            for name, lookup in order:
+                model.prompt_lookup = lookup
+                with session_scope() as session:
+                    started = time.perf_counter()
+                    plan = insert(units, candidates, "checkpoint:bench", QueryVectors(embedder, session), timed)
+                    elapsed = time.perf_counter() - started
+                if round_ == args.rounds - 1:
+                    seconds[name].append(elapsed)
+                    generation[name].append(timed.last.seconds)
+                    if lookup == 0:
+                        tokens.append((timed.last.prompt_tokens, timed.last.completion_tokens))
+                plans[name][example.id] = (plan.raw_output, plan.fallback_reason)
+    names = list(settings)
+    same = sum(plans[names[0]][key] == plans[names[1]][key] for key in plans[names[0]])
+    rows = [
+        {
+            "setting": name,
+            "prompt_lookup": lookup,
+            "p50_s": round(statistics.median(seconds[name]), 3),
+            "p90_s": round(percentile(seconds[name], 0.9), 3),
+            "mean_s": round(statistics.fmean(seconds[name]), 3),
+            "generation_p50_s": round(statistics.median(generation[name]), 3),
+            "plans": len(seconds[name]),
+            "fallbacks": sum(1 for raw, reason in plans[name].values() if reason),
+        }
+        for name, lookup in settings.items()
+    ]
+    result = {
+        "bench": "inserter_serving",
+        "corpus": args.corpus,
+        "model": args.model,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "torch_threads": args.threads,
+        "rows": rows,
+        "p50_ratio": round(rows[0]["p50_s"] / rows[1]["p50_s"], 2),
+        "identical_plans": f"{same}/{len(plans[names[0]])}",
+        "prompt_tokens_p50": statistics.median(t[0] for t in tokens),
+        "completion_tokens_p50": statistics.median(t[1] for t in tokens),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
