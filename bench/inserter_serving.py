@@ -33,6 +33,7 @@ from services.common.llm.local import PROMPT_LOOKUP_TOKENS
 from services.common.vectors import QueryVectors
 from services.inserter.core import insert
 from services.inserter.registry import download_checkpoint
+from services.jobs.status import percentile
 from services.trainer.data import build_examples
 from services.trainer.evaluation import example_inputs
 
@@ -46,11 +47,6 @@ class Timed:
     def chat(self, messages, **options):
         self.last = self.model.chat(messages, **options)
         return self.last
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -110,7 +106,7 @@ def main() -> None:
             "mean_s": round(statistics.fmean(seconds[name]), 3),
             "generation_p50_s": round(statistics.median(generation[name]), 3),
             "plans": len(seconds[name]),
-            "fallbacks": sum(1 for raw, reason in plans[name].values() if reason),
+            "fallbacks": sum(1 for _raw, reason in plans[name].values() if reason),
         }
         for name, lookup in settings.items()
     ]
