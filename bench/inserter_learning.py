@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import tempfile
 import time
@@ -260,6 +261,10 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return said
 
 
+def stopped(signum: int, _frame) -> None:
+    raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["recipes", "qgc_manual"])
@@ -295,6 +300,9 @@ def main() -> None:
         help="keep the rows of the other corpora already in --out (one corpus per run, one results file)",
     )
     args = parser.parse_args()
+    # `kill` (SIGTERM) stops the bench as Ctrl-C does: the run in training is recorded as failed with the reason,
+    # instead of staying "running" on the dashboard's Training page
+    signal.signal(signal.SIGTERM, stopped)
 
     stamp = datetime.now(UTC).strftime("%m%d%H%M")
     data: dict[str, Any] = {
