@@ -151,9 +151,13 @@ def kept_from(earlier: dict[str, Any], data: dict[str, Any], corpora: list[str])
     merged = {**data, "corpora": {}, "rows": [r for r in earlier.get("rows", []) if r["corpus"] not in corpora]}
     for corpus, found in earlier.get("corpora", {}).items():
         if corpus not in corpora:
-            run = {key: earlier.get(key) for key in ("started_at", "commit", "settings")}
-            merged["corpora"][corpus] = {"run": run, **found}
+            merged["corpora"][corpus] = {"run": run_of(earlier), **found}
     return merged
+
+
+def run_of(results: dict[str, Any]) -> dict[str, Any]:
+    """What a corpus entry records of the run that benched it."""
+    return {key: results.get(key) for key in ("started_at", "commit", "settings")}
 
 
 def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) -> None:
@@ -161,8 +165,7 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) 
     started = time.monotonic()
     report = build_examples(corpus, seed=args.seed)
     print(f"{corpus}: {report.summary()} ({time.monotonic() - started:.0f} s)", flush=True)
-    run = {key: results.data.get(key) for key in ("started_at", "commit", "settings")}
-    found: dict[str, Any] = {"run": run, "data": report.summary(), "curves": {}}
+    found: dict[str, Any] = {"run": run_of(results.data), "data": report.summary(), "curves": {}}
     results.data["corpora"][corpus] = found
     train = report.split("train")
     val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
