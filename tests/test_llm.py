@@ -4,6 +4,7 @@ OpenAI-compatible HTTP server (tests/openai_server.py) that answers with that sa
 from __future__ import annotations
 
 import ast
+import doctest
 import inspect
 import json
 import logging
@@ -130,11 +131,12 @@ def test_prompt_lookup_decoding_gives_the_greedy_reply_in_fewer_passes(model: Lo
         assert model.prompt_lookup > 0  # on by default
         drafted = model.chat(copy, max_new_tokens=48)
         drafted_passes = len(passes)
-        model.prompt_lookup, plain_passes = 0, len(passes)
+        # token by token, the whole prompt prefilled (no kept prefix): one pass per token
+        model.prompt_lookup, model.prefix_cache, plain_passes = 0, False, len(passes)
         plain = model.chat(copy, max_new_tokens=48)
         plain_passes = len(passes) - plain_passes
     finally:
-        model.prompt_lookup = llm.local.PROMPT_LOOKUP_TOKENS
+        model.prompt_lookup, model.prefix_cache = llm.local.PROMPT_LOOKUP_TOKENS, True
         hook.remove()
     assert drafted.text == plain.text and '["img1",3]' in plain.text
     assert drafted.completion_tokens == plain.completion_tokens
@@ -142,6 +144,74 @@ def test_prompt_lookup_decoding_gives_the_greedy_reply_in_fewer_passes(model: Lo
     assert drafted_passes < plain_passes / 2, (drafted_passes, plain_passes)
     with pytest.raises(ValueError, match="prompt_lookup"):
         LocalChatModel(prompt_lookup=-1)
+
+
+INSTRUCTIONS = (
+    "You place images into answers. Each candidate image has an id, a caption and the answer units it matches best. "
+    "Reply with the plan only, as a JSON list of [id, unit] pairs, in the order the images should appear."
+)
+ASKS = [
+    'Repeat exactly: Rule: [["img1",3],["img2",5],["img4",9],["img3",12]]',
+    "What is the capital of France?",
+    "Write a long story about a dragon who learns to cook.",
+]
+
+
+def test_kept_prefix_prefills_only_the_new_tail_and_changes_no_reply(model: LocalChatModel):
+    """Prompts that open with the same instructions: from the second on, the model is fed only what follows the
+    shared head (the first pass's input shows it), and every reply, greedy with drafts or without, cut by
+    max_new_tokens or stopped at the end token, is the reply of decoding the whole prompt afresh."""
+    fed: list[int] = []
+    hook = model._model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    model._prefix = llm.local.PrefixCache()  # what earlier tests left
+    try:
+        prompts = [
+            model.prompt_ids([{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": ask}])
+            for ask in ASKS
+        ]
+        head = llm.local.shared_head(prompts[0], prompts[1], len(prompts[0]))
+        assert head >= llm.local.PREFIX_CACHE_MIN_TOKENS
+        replies = {}
+        for lookup in (llm.local.PROMPT_LOOKUP_TOKENS, 0):
+            model.prompt_lookup = lookup
+            for index, ask in enumerate(ASKS):
+                for max_new_tokens in (1, 24):
+                    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": ask}]
+                    model.prefix_cache = True
+                    fed.clear()
+                    known = list(model._prefix.ids)
+                    kept = model.chat(messages, max_new_tokens=max_new_tokens)
+                    passes = list(fed)
+                    model.prefix_cache = False
+                    whole = model.chat(messages, max_new_tokens=max_new_tokens)
+                    assert (kept.text, kept.completion_tokens) == (whole.text, whole.completion_tokens), ask
+                    assert whole.cached_tokens == 0
+                    if lookup and index == 0 and max_new_tokens == 1:
+                        # nothing kept yet: the first prompt is fed whole (with its drafts)
+                        assert kept.cached_tokens == 0 and passes[0] >= len(prompts[0])
+                        continue
+                    assert kept.cached_tokens >= head, f"no kept prefix for {ask!r} after the first prompt"
+                    if model._prefix.ids != known:  # the head was learnt in this call: one pass over it first
+                        assert passes.pop(0) == kept.cached_tokens
+                    # the first pass reads only the prompt's tail (and the drafts), the others a token and drafts
+                    tail = kept.prompt_tokens - kept.cached_tokens
+                    assert tail <= passes[0] <= tail + lookup, (passes, tail)
+                    assert all(length <= 1 + lookup for length in passes[1:]), passes
+                    replies[(lookup, ask, max_new_tokens)] = kept
+        for ask in ASKS:  # drafts change the passes, not the reply
+            assert replies[(10, ask, 24)].text == replies[(0, ask, 24)].text
+        assert replies[(10, ASKS[2], 24)].completion_tokens == 24  # cut by max_new_tokens, not one short
+        assert replies[(10, ASKS[1], 24)].completion_tokens < 24  # stopped at the end token
+    finally:
+        hook.remove()
+        model.prompt_lookup, model.prefix_cache = llm.local.PROMPT_LOOKUP_TOKENS, True
+
+
+@pytest.mark.unit
+def test_local_decoding_helpers_doctests():
+    assert doctest.testmod(llm.local).failed == 0
 
 
 def test_timeout_stops_generation(model: LocalChatModel):

@@ -22,6 +22,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a kept prefix (local models)
 
     @property
     def tokens_per_second(self) -> float:
