@@ -31,10 +31,10 @@ NAMES = ["x.jpg", "a.jpg", "y.jpg", "b.jpg"]
 
 @pytest.mark.unit
 def test_doctests_of_the_trainer_the_prompt_and_the_learning_bench():
-    from bench import inserter_learning
+    from bench import inserter_evidence, inserter_learning
     from services.inserter import prompt, scores
 
-    for module in (rewards, data, core, prompt, scores, inserter_learning):
+    for module in (rewards, data, core, prompt, scores, inserter_learning, inserter_evidence):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
