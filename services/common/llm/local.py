@@ -372,7 +372,7 @@ class LocalChatModel:
         import torch
         from transformers import DynamicCache
 
-        model = self._model
+        model, argument = self._model, cache_argument(self._model)
         cache = cache if cache is not None else DynamicCache()
         sequence, pending, new = list(prompt_ids), list(prompt_ids[cached:]), []
         while len(new) < max_new_tokens:
@@ -381,9 +381,7 @@ class LocalChatModel:
             drafts = lookup_draft(sequence, room)
             drafts = drafts[: next((i + 1 for i, token in enumerate(drafts) if token in eos_ids), len(drafts))]
             fed = torch.tensor([pending + drafts], device=model.device)
-            logits = model(
-                input_ids=fed, use_cache=True, logits_to_keep=len(drafts) + 1, **{cache_argument(model): cache}
-            ).logits[0]
+            logits = model(input_ids=fed, use_cache=True, logits_to_keep=len(drafts) + 1, **{argument: cache}).logits[0]
             # the model's token after the last pending one, then after each draft
             picks = logits.argmax(dim=-1).tolist()
             accepted = 0
