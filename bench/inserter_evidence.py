@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.inserter_learning import gold_text_passages
 from bench.job_load import git_commit
 from services.common.db import session_scope
 from services.common.embedding import get_embedder
@@ -55,7 +56,7 @@ def auc(right: list[float], wrong: list[float]) -> float | None:
 def picks_of(corpus: str, seed: int) -> list[dict]:
     """Every placement `rule` makes on the corpus's gold_text examples, with its signals."""
     report = build_examples(corpus, seed=seed)
-    examples = [e for e in report.examples if e.setting == "gold_text" and e.id.endswith("/0")]
+    examples = gold_text_passages(report.examples)
     store, embedder = get_store(), get_embedder()
     timeout = get_settings().ocr_timeout_s
     words_of: dict[str, str] = {}

@@ -160,6 +160,11 @@ def run_of(results: dict[str, Any]) -> dict[str, Any]:
     return {key: results.get(key) for key in ("started_at", "commit", "settings")}
 
 
+def gold_text_passages(examples: list) -> list:
+    """The `gold_text` examples, each passage once (its first candidate set, id `…/0`): what the benches score."""
+    return [e for e in examples if e.setting == "gold_text" and e.id.endswith("/0")]
+
+
 def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) -> None:
     ensure_corpus(CORPORA / corpus, corpus, DEFAULT_EMBEDDING_MODEL)
     started = time.monotonic()
@@ -168,7 +173,7 @@ def bench_corpus(corpus: str, args, stamp: str, folder: Path, results: Results) 
     found: dict[str, Any] = {"run": run_of(results.data), "data": report.summary(), "curves": {}}
     results.data["corpora"][corpus] = found
     train = report.split("train")
-    val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
+    val = gold_text_passages(report.split("val"))
     val = val[: args.val] if args.val else val
     results.add(row(corpus, "gold_text", "rule", evaluate_rule(val)))
     base = resolve_base(args.base)

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.inserter_learning import gold_text_passages
 from bench.inserter_training import hardware
 from bench.job_load import git_commit
 from services.common.db import session_scope
@@ -70,7 +71,7 @@ def main() -> None:
     if not (folder / "config.json").is_file():
         folder = download_checkpoint(args.model)  # UnknownModel names the registered ones
     report = build_examples(args.corpus, seed=args.seed)
-    val = [e for e in report.split("val") if e.setting == "gold_text" and e.id.endswith("/0")]
+    val = gold_text_passages(report.split("val"))
     val = val[: args.val] if args.val else val
     model = LocalChatModel(str(folder))
     model.warm_up()
