@@ -113,6 +113,7 @@ def test_the_learned_inserters_prompt_shows_the_rules_plan_first(embedder):
     first, second = (p.after for p in proposal)
     answer = f'<answer>[["img1",{first}],["img2",{second}]]</answer>'
     assert rule_line == f"Rule: {answer.removeprefix('<answer>').removesuffix('</answer>')}"
+    assert prompt.rule_reply == answer  # the draft a local model checks first (LocalChatModel.chat(draft=...))
     assert "Rule: the rule's plan" in prompt.messages[0]["content"]
     assert [(p.image, p.after) for p in parse_plan(answer, units, prompt.candidates)] == [
         (p.image, p.after) for p in proposal

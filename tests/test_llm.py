@@ -209,6 +209,34 @@ def test_kept_prefix_prefills_only_the_new_tail_and_changes_no_reply(model: Loca
         model.prompt_lookup, model.prefix_cache = llm.local.PROMPT_LOOKUP_TOKENS, True
 
 
+def test_an_expected_reply_is_checked_in_the_prompts_pass_and_changes_no_reply(model: LocalChatModel):
+    """`chat(draft=...)`: the caller's expected reply (the inserter's rule plan) is fed with the prompt and kept as
+    far as greedy decoding agrees. Right, the whole reply takes one forward pass; wrong, too long or partly right,
+    the reply is still the plain greedy one; decoding without drafts ignores it."""
+    copy = [{"role": "user", "content": 'Repeat exactly: Rule: [["img1",3],["img2",5],["img4",9],["img3",12]]'}]
+    passes: list[int] = []
+    hook = model._model.register_forward_hook(lambda module, args, output: passes.append(1))
+    try:
+        model.prefix_cache = False  # every call prefills its whole prompt: one pass each, no head to learn
+        model.prompt_lookup = 0
+        plain = model.chat(copy, max_new_tokens=48)
+        cut = model.chat(copy, max_new_tokens=5)
+        assert model.chat(copy, max_new_tokens=48, draft=plain.text).text == plain.text  # ignored without drafts
+        model.prompt_lookup = llm.local.PROMPT_LOOKUP_TOKENS
+        passes.clear()
+        right = model.chat(copy, max_new_tokens=48, draft=plain.text)
+        assert (right.text, right.completion_tokens) == (plain.text, plain.completion_tokens)
+        assert len(passes) == right.forward_passes == 1, passes  # the prompt, the whole reply and its end token
+        for draft in ("Sure! Here it is", plain.text[: len(plain.text) // 2] + "img9", "", None):
+            other = model.chat(copy, max_new_tokens=48, draft=draft)
+            assert (other.text, other.completion_tokens) == (plain.text, plain.completion_tokens), draft
+        short = model.chat(copy, max_new_tokens=5, draft=plain.text)  # a draft past max_new_tokens is cut
+        assert (short.text, short.completion_tokens) == (cut.text, cut.completion_tokens) == (short.text, 5)
+    finally:
+        hook.remove()
+        model.prompt_lookup, model.prefix_cache = llm.local.PROMPT_LOOKUP_TOKENS, True
+
+
 @pytest.mark.unit
 def test_local_decoding_helpers_doctests():
     result = doctest.testmod(llm.local)

@@ -79,7 +79,8 @@ def insert(
         model = chat_model or inserter_chat_model(backend)
         budget = plan_token_budget(len(candidates))
         prompt = build_prompt(units, candidates, vectors)
-        result = model.chat(prompt.messages, max_new_tokens=budget)
+        # the rule's plan as the draft: a model that keeps it answers in about one forward pass
+        result = model.chat(prompt.messages, max_new_tokens=budget, draft=prompt.rule_reply)
         raw = result.text
         placements = parse_plan(raw, units, prompt.candidates)
         fallback = None

@@ -82,6 +82,10 @@ class PlanPrompt:
     messages: list[dict[str, str]]
     candidates: list[CandidateImage]  # in the prompt's order (see prompt_order)
 
+    @property
+    def rule_reply(self) -> str | None:
+        return rule_reply(self.messages)
+
 
 def prompt_order(proposed: dict[str, int], listed: list[bool], candidates: list[CandidateImage]) -> list[int]:
     """Candidate indexes in the prompt's order: the rule's picks in its plan's order (by slot), then the other
@@ -159,6 +163,18 @@ def build_prompt(
         {"role": "user", "content": f"Sentences:\n{sentences}\nImages:\n{images}\nRule: {rule_line}"},
     ]
     return PlanPrompt(messages=messages, candidates=in_order)
+
+
+def rule_reply(messages: list[dict[str, str]]) -> str | None:
+    """The rule's plan of a prompt (its `Rule:` line) as a reply: what a model that keeps the rule's picks writes,
+    and the draft a local model checks in the prompt's own pass (`LocalChatModel.chat(draft=...)`). None when the
+    prompt has no such line.
+
+    >>> rule_reply([{"role": "user", "content": 'Sentences:\\n1. Hi\\nImages:\\nimg1 doc1\\nRule: [["img1",1]]'}])
+    '<answer>[["img1",1]]</answer>'
+    """
+    last = messages[-1]["content"].rsplit("\n", 1)[-1] if messages else ""
+    return f"<answer>{last.removeprefix('Rule: ')}</answer>" if last.startswith("Rule: ") else None
 
 
 def plan_messages(

@@ -12,7 +12,7 @@ from typing import Any
 
 from services.common.contracts import AnswerUnit, CandidateImage, UnitSource
 from services.common.metrics import aggregate, image_precision_recall_f1, ordering_score, position_accuracy
-from services.inserter.prompt import PlanFormatError, parse_plan_names, plan_token_budget
+from services.inserter.prompt import PlanFormatError, parse_plan_names, plan_token_budget, rule_reply
 from services.trainer.data import TrainingExample
 
 
@@ -66,7 +66,7 @@ def evaluate_model(
     seconds = 0.0
     for example in examples:
         budget = max_new_tokens or plan_token_budget(len(example.candidate_names))
-        result = model.chat(example.prompt, max_new_tokens=budget)
+        result = model.chat(example.prompt, max_new_tokens=budget, draft=rule_reply(example.prompt))
         seconds += result.seconds
         try:
             placements = parse_plan_names(result.text, example.unit_count, example.candidate_names)

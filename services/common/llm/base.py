@@ -23,6 +23,7 @@ class ChatResult:
     completion_tokens: int
     seconds: float
     cached_tokens: int = 0  # prompt tokens whose keys and values came from a kept prefix (local models)
+    forward_passes: int | None = None  # the model's passes for this reply (local greedy decoding with drafts)
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,6 +43,8 @@ class ChatModel(Protocol):
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         timeout_s: float | None = None,
+        draft: str | None = None,
     ) -> ChatResult:
-        """The assistant's reply to `messages` (greedy when temperature == 0); LLMTimeout past `timeout_s`."""
+        """The assistant's reply to `messages` (greedy when temperature == 0); LLMTimeout past `timeout_s`.
+        `draft`: a reply the caller expects; a model may use it to decode faster, never to answer differently."""
         ...

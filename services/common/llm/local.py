@@ -40,7 +40,8 @@ def _deadline_criteria(deadline: float):
 # passes instead of one per token. The result is the greedy result, up to floating-point ties between a batched and
 # a token-by-token pass. transformers has this (`prompt_lookup_num_tokens`), but its first pass re-reads the whole
 # prompt even when the cache given to `generate` already holds its head (5.25), which would void the prefix cache
-# below; so greedy decoding with drafts is the short loop `LocalChatModel._greedy_with_drafts`.
+# below; so greedy decoding with drafts is the short loop `LocalChatModel._greedy_with_drafts`. Its first pass can
+# also check a reply the caller expects (`chat(draft=...)`: the inserter's rule plan), whole.
 PROMPT_LOOKUP_TOKENS = 10
 # The keys and values of a prompt's head that repeats from call to call (a stage's instructions in the system
 # message) are computed once and kept: a later prompt that starts with the same tokens prefills only the rest.
@@ -266,11 +267,15 @@ class LocalChatModel:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         timeout_s: float | None = None,
+        draft: str | None = None,
     ) -> ChatResult:
         """The assistant's reply to `messages` (greedy when temperature == 0). Raises LLMTimeout when
-        `timeout_s` (wall clock of this call) runs out before generation finishes."""
+        `timeout_s` (wall clock of this call) runs out before generation finishes. `draft`: a reply the caller
+        expects (the inserter's rule plan), checked in the prompt's own forward pass by greedy decoding with
+        drafts; it changes how many passes the reply takes, never the reply."""
         started = time.monotonic()
-        return self._generate(self.prompt_ids(messages), max_new_tokens, temperature, timeout_s, started)
+        guess = self.tokenizer(draft, add_special_tokens=False)["input_ids"] if draft else []
+        return self._generate(self.prompt_ids(messages), max_new_tokens, temperature, timeout_s, started, guess)
 
     def generate_raw(
         self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, timeout_s: float | None = None
@@ -280,7 +285,13 @@ class LocalChatModel:
         return self._generate(self.tokenizer(prompt)["input_ids"], max_new_tokens, temperature, timeout_s, started)
 
     def _generate(
-        self, prompt_ids: list[int], max_new_tokens: int, temperature: float, timeout_s: float | None, started: float
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        timeout_s: float | None,
+        started: float,
+        guess: list[int] | None = None,
     ) -> ChatResult:
         import torch
 
@@ -293,14 +304,20 @@ class LocalChatModel:
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        # the expected reply ends the turn: its end token is drafted too (the first of the model's end tokens)
+        guess = [*guess, eos[0] if isinstance(eos, list) else eos] if guess else []
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         drafting = temperature == 0 and self.prompt_lookup > 0
-        kept_prefix = self.prefix_cache and (not drafting or plain_greedy(model.generation_config))
+        own_loop = drafting and plain_greedy(model.generation_config)  # else transformers' (and no kept prefix)
+        kept_prefix = self.prefix_cache and (own_loop or not drafting)
         with self._generate_lock, torch.inference_mode():
             gen_started = time.monotonic()
             cache, cached = self._prefix.for_prompt(model, prompt_ids) if kept_prefix else (None, 0)
-            if drafting and kept_prefix:
-                new_ids, hit = self._greedy_with_drafts(prompt_ids, cache, cached, max_new_tokens, eos_ids, deadline_at)
+            passes = None
+            if own_loop:
+                new_ids, hit, passes = self._greedy_with_drafts(
+                    prompt_ids, cache, cached, max_new_tokens, eos_ids, deadline_at, guess
+                )
             else:
                 new_ids, hit = self._transformers_generate(
                     prompt_ids, cache, max_new_tokens, temperature, eos, pad, deadline_at
@@ -312,6 +329,7 @@ class LocalChatModel:
             completion_tokens=len(new_ids),
             seconds=seconds,
             cached_tokens=cached,
+            forward_passes=passes,
         )
         finished = bool(new_ids) and (new_ids[-1] in eos_ids or len(new_ids) >= max_new_tokens)
         if hit and not finished:
@@ -364,21 +382,27 @@ class LocalChatModel:
         max_new_tokens: int,
         eos_ids: set[int],
         deadline_at: float | None,
-    ) -> tuple[list[int], bool]:
-        """Greedy decoding with drafts from `lookup_draft`, continuing `cache` (which holds the first `cached`
-        prompt tokens, or is None): each pass feeds the tokens the cache lacks plus up to `prompt_lookup` drafts,
-        keeps the drafts the model would have picked itself and the model's own next token. The new token ids, and
-        whether the deadline stopped it."""
+        guess: list[int] | None = None,
+    ) -> tuple[list[int], bool, int]:
+        """Greedy decoding with drafts, continuing `cache` (which holds the first `cached` prompt tokens, or is
+        None): each pass feeds the tokens the cache lacks plus drafts, keeps the drafts the model would have picked
+        itself and the model's own next token. The prompt's pass drafts `guess` (the caller's expected reply, whole),
+        later passes up to `prompt_lookup` tokens from `lookup_draft`. The new token ids, whether the deadline
+        stopped it, and the forward passes it took."""
         import torch
         from transformers import DynamicCache
 
         model, argument = self._model, cache_argument(self._model)
         cache = cache if cache is not None else DynamicCache()
-        sequence, pending, new = list(prompt_ids), list(prompt_ids[cached:]), []
+        sequence, pending, new, passes = list(prompt_ids), list(prompt_ids[cached:]), [], 0
         while len(new) < max_new_tokens:
-            # no drafts with the prompt's tail (its first token is not known yet), nor past an end token
-            room = min(self.prompt_lookup, max_new_tokens - len(new) - 1) if len(pending) == 1 else 0
-            drafts = lookup_draft(sequence, room)
+            passes += 1
+            room = max_new_tokens - len(new) - 1  # the pass adds the model's own token after the drafts
+            if not new:  # the prompt's pass: the caller's guess, or nothing (lookup would match the prompt's tail)
+                drafts = (guess or [])[:room]
+            else:
+                drafts = lookup_draft(sequence, min(self.prompt_lookup, room))
+            # nothing past an end token
             drafts = drafts[: next((i + 1 for i, token in enumerate(drafts) if token in eos_ids), len(drafts))]
             fed = torch.tensor([pending + drafts], device=model.device)
             logits = model(input_ids=fed, use_cache=True, logits_to_keep=len(drafts) + 1, **{argument: cache}).logits[0]
@@ -396,7 +420,7 @@ class LocalChatModel:
             sequence += step
             pending = [step[-1]]
             if stop is not None:
-                return new, False
+                return new, False, passes
             if deadline_at is not None and time.monotonic() >= deadline_at:
-                return new, len(new) < max_new_tokens
-        return new, False
+                return new, len(new) < max_new_tokens, passes
+        return new, False, passes

@@ -95,8 +95,11 @@ class OpenAIChatModel:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         timeout_s: float | None = None,
+        draft: str | None = None,
     ) -> ChatResult:
-        """`timeout_s` bounds each attempt (default: the client's); retries come on top of it."""
+        """`timeout_s` bounds each attempt (default: the client's); retries come on top of it. `draft` (an expected
+        reply, which a local model checks in one pass) is not sent: the chat completions API has no field for it
+        that OpenAI-compatible servers share."""
         import httpx
 
         url = f"{self.base_url}/chat/completions"
