@@ -2,11 +2,12 @@
 
 The whole serving call, `insert(units, candidates, "checkpoint:…", QueryVectors(…))` as the inserter worker makes
 it (the prompt built from the stored vectors, the model's greedy plan, the strict parse), on a collection's held-out
-`gold_text` examples; the same model object in three settings, alternated example by example so that all see the
+`gold_text` examples; the same model object in four settings, alternated example by example so that all see the
 same machine load:
-  - `plain`: one forward pass per token, the whole prompt prefilled every time;
-  - `lookup`: prompt lookup drafts (transformers' own), the whole prompt prefilled every time;
-  - `lookup+prefix` (the default): drafts, and the kept cache of the prompt head that repeats across calls.
+  - `plain`: one forward pass per token, the whole prompt prefilled every time (transformers' `generate`);
+  - `lookup`: prompt lookup drafts (`LocalChatModel`'s loop), the whole prompt prefilled every time;
+  - `lookup+prefix`: drafts, and the kept cache of the prompt head that repeats across calls;
+  - `lookup+prefix+rule` (the default): as `lookup+prefix`, and the rule's plan drafted whole in the prompt's pass.
 It also checks that all settings give the same plans (each keeps the greedy result).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python -m bench.inserter_serving --corpus qgc_manual \
@@ -43,13 +44,14 @@ from services.trainer.evaluation import example_inputs
 
 
 class Timed:
-    """The model as `insert` calls it, keeping the last reply (its generation seconds and token counts)."""
+    """The model as `insert` calls it, keeping the last reply (its generation seconds and token counts); the rule's
+    plan `insert` offers as a draft is passed on only when `drafts` is set."""
 
     def __init__(self, model: LocalChatModel):
-        self.model, self.last = model, None
+        self.model, self.last, self.drafts = model, None, True
 
-    def chat(self, messages, **options):
-        self.last = self.model.chat(messages, **options)
+    def chat(self, messages, draft=None, **options):
+        self.last = self.model.chat(messages, draft=draft if self.drafts else None, **options)
         return self.last
 
 
@@ -75,7 +77,12 @@ def main() -> None:
     val = val[: args.val] if args.val else val
     model = LocalChatModel(str(folder))
     model.warm_up()
-    settings = {"plain": (0, False), "lookup": (args.lookup, False), "lookup+prefix": (args.lookup, True)}
+    settings = {
+        "plain": (0, False, False),
+        "lookup": (args.lookup, False, False),
+        "lookup+prefix": (args.lookup, True, False),
+        "lookup+prefix+rule": (args.lookup, True, True),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     generation: dict[str, list[float]] = {name: [] for name in settings}
     tokens: list[tuple[int, int, int]] = []
@@ -88,8 +95,8 @@ def main() -> None:
             # rotate which setting goes first, so none always follows another's cache warm-up
             order = list(settings.items())
             order = order[index % len(order) :] + order[: index % len(order)]
-            for name, (lookup, prefix) in order:
-                model.prompt_lookup, model.prefix_cache = lookup, prefix
+            for name, (lookup, prefix, drafts) in order:
+                model.prompt_lookup, model.prefix_cache, timed.drafts = lookup, prefix, drafts
                 with session_scope() as session:
                     started = time.perf_counter()
                     plan = insert(units, candidates, "checkpoint:bench", QueryVectors(embedder, session), timed)
@@ -97,9 +104,11 @@ def main() -> None:
                 if round_ == args.rounds - 1:
                     seconds[name].append(elapsed)
                     generation[name].append(timed.last.seconds)
-                    if prefix:
+                    if drafts:
                         reply = timed.last
-                        tokens.append((reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens))
+                        tokens.append(
+                            (reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, reply.forward_passes)
+                        )
                 plans[name][example.id] = (plan.raw_output, plan.fallback_reason)
     names = list(settings)
     same = {
@@ -111,6 +120,7 @@ def main() -> None:
             "setting": name,
             "prompt_lookup": lookup,
             "prefix_cache": prefix,
+            "rule_draft": drafts,
             "p50_s": round(statistics.median(seconds[name]), 3),
             "p90_s": round(percentile(seconds[name], 0.9), 3),
             "mean_s": round(statistics.fmean(seconds[name]), 3),
@@ -118,7 +128,7 @@ def main() -> None:
             "plans": len(seconds[name]),
             "fallbacks": sum(1 for _raw, reason in plans[name].values() if reason),
         }
-        for name, (lookup, prefix) in settings.items()
+        for name, (lookup, prefix, drafts) in settings.items()
     ]
     result = {
         "bench": "inserter_serving",
@@ -134,6 +144,8 @@ def main() -> None:
         "prompt_tokens_p50": statistics.median(t[0] for t in tokens),
         "cached_prompt_tokens_p50": statistics.median(t[2] for t in tokens),
         "completion_tokens_p50": statistics.median(t[1] for t in tokens),
+        "forward_passes_p50": statistics.median(t[3] for t in tokens),
+        "one_pass_plans": f"{sum(t[3] == 1 for t in tokens)}/{len(tokens)}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
