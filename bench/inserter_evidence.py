@@ -8,7 +8,11 @@ candidate signals by their ROC AUC (the chance that a right pick scores higher t
   - `rule_similarity`: the cosine that placed it (the prompt shows it, as `fits <unit>:<score>`);
   - `description_passage`: its caption and surrounding text against the whole passage;
   - `image_words_unit`, `image_words_passage`: the words inside the image (OCR, read here from the stored bytes with
-    the ingest's own reader) against the unit it follows and against the passage; only images with words count.
+    the ingest's own reader) against the unit it follows and against the passage; only images with words count;
+  - `retrieval_rank`: its place among serving's candidates (first = best; the compact prompt does not show it).
+A signal with a high AUC is worth a model's attention only if acting on it lifts F1 on the documents it would be
+trained on as well as on the held-out ones: `rank_filter` scores, per split, the rule's plans with its unsure picks
+dropped when they rank k-th or lower among the candidates.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python -m bench.inserter_evidence --corpus qgc_manual
 
@@ -35,10 +39,11 @@ from services.common.vectors import QueryVectors
 from services.inserter.core import insert
 from services.retriever.ocr import clean_image_text, ocr_lines
 from services.trainer.data import build_examples
-from services.trainer.evaluation import example_inputs
+from services.trainer.evaluation import aggregate, example_inputs, score_plan
 
 UNSURE_BELOW = 0.9995  # a rule similarity under this is not an exact match of the image's context
-SIGNALS = ("rule_similarity", "description_passage", "image_words_unit", "image_words_passage")
+SIGNALS = ("rule_similarity", "description_passage", "image_words_unit", "image_words_passage", "retrieval_rank")
+RANK_CUTS = (1, 2, 3, 4, 6, 8)
 
 
 def auc(right: list[float], wrong: list[float]) -> float | None:
@@ -53,10 +58,13 @@ def auc(right: list[float], wrong: list[float]) -> float | None:
     return round(wins / (len(right) * len(wrong)), 3)
 
 
-def picks_of(corpus: str, seed: int) -> list[dict]:
-    """Every placement `rule` makes on the corpus's gold_text examples, with its signals."""
+def picks_of(corpus: str, seed: int) -> tuple[list[dict], dict[str, list[float | None]]]:
+    """Every placement `rule` makes on the corpus's gold_text examples, with its signals; and per split, the F1 of the
+    rule's plans and of `rank_filter`'s variants (`RANK_CUTS`)."""
     report = build_examples(corpus, seed=seed)
     examples = gold_text_passages(report.examples)
+    val = {example.id for example in report.split("val")}
+    filtered: dict[str, list[list[dict]]] = {"train": [], "val": []}
     store, embedder = get_store(), get_embedder()
     timeout = get_settings().ocr_timeout_s
     words_of: dict[str, str] = {}
@@ -67,6 +75,17 @@ def picks_of(corpus: str, seed: int) -> list[dict]:
             plan = insert(units, candidates, "rule", QueryVectors(embedder, session))
         gold = {g["image"] for g in example.gold}
         by_name = {c.source_name: c for c in candidates}
+        rank = {c.source_name: index for index, c in enumerate(candidates)}
+        rows = filtered["val" if example.id in val else "train"]
+        rows.append(
+            [score_plan(plan.placements, example)]
+            + [
+                score_plan(
+                    [p for p in plan.placements if (p.similarity or 0) >= UNSURE_BELOW or rank[p.image] < k], example
+                )
+                for k in RANK_CUTS
+            ]
+        )
         passage = " ".join(unit.text for unit in units)
         for placement in plan.placements:
             candidate = by_name[placement.image]
@@ -82,6 +101,7 @@ def picks_of(corpus: str, seed: int) -> list[dict]:
                     "unit": units[max(placement.after, 1) - 1].text,
                     "passage": passage,
                     "description": description,
+                    "retrieval_rank": -rank[placement.image],
                 }
             )
     fields = ("words", "unit", "passage", "description")
@@ -91,7 +111,12 @@ def picks_of(corpus: str, seed: int) -> list[dict]:
         pick["description_passage"] = float(np.dot(description, passage))
         pick["image_words_unit"] = float(np.dot(words, unit)) if pick["words"] else None
         pick["image_words_passage"] = float(np.dot(words, passage)) if pick["words"] else None
-    return picks
+    rank_filter = {
+        split: [round(aggregate([row[column] for row in rows])["image_f1"], 4) for column in range(len(RANK_CUTS) + 1)]
+        for split, rows in filtered.items()
+        if rows
+    }
+    return picks, rank_filter
 
 
 def main() -> None:
@@ -100,7 +125,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the data split's seed (as bench.inserter_learning)")
     parser.add_argument("--out", type=Path, help="default: bench/results/inserter_evidence-<corpus>.json")
     args = parser.parse_args()
-    picks = picks_of(args.corpus, args.seed)
+    picks, rank_filter = picks_of(args.corpus, args.seed)
     # all picks, and those the rule is not sure of: a unit that repeats the image's own context scores 1.0 and is
     # almost always right, which alone lifts `rule_similarity`'s AUC; the wrong picks are among the others
     subsets = {"all": picks, "similarity_below_1": [p for p in picks if (p["rule_similarity"] or 0) < UNSURE_BELOW]}
@@ -123,6 +148,8 @@ def main() -> None:
         "right": sum(p["right"] for p in picks),
         "with_image_words": sum(bool(p["words"]) for p in picks),
         "signals": signals,
+        # image F1 of the rule's plans (first) and with its unsure picks ranked k-th or lower dropped, per RANK_CUTS
+        "rank_filter": {"cuts": ["rule", *(f"rank<{k}" for k in RANK_CUTS)], **rank_filter},
     }
     out = args.out or Path(f"bench/results/inserter_evidence-{args.corpus}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,14 @@ same machine load:
   - `lookup`: prompt lookup drafts (`LocalChatModel`'s loop), the whole prompt prefilled every time;
   - `lookup+prefix`: drafts, and the kept cache of the prompt head that repeats across calls;
   - `lookup+prefix+rule` (the default): as `lookup+prefix`, and the rule's plan drafted whole in the prompt's pass.
-It also checks that all settings give the same plans (each keeps the greedy result).
+It also checks that all settings give the same plans (each keeps the greedy result). With `--end-to-end NAME`, the
+model is also registered as NAME and the corpus's held-out questions go through the cluster (extractive generator)
+with `--inserter rule` and `--inserter checkpoint:NAME`: scores, and the served plan's seconds as the worker
+records them (its default settings, its torch threads).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python -m bench.inserter_serving --corpus qgc_manual \
         --model <registered name or folder> \
-        [--val 30] [--rounds 2] [--threads 1]
+        [--val 30] [--rounds 2] [--threads 1] [--end-to-end <name to register>]
 
 The corpus must be ingested in the running local cluster (`m2io up`; bench.inserter_learning does both).
 Results: bench/results/inserter_serving.json and bench/README.md.
@@ -23,14 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.inserter_learning import gold_text_passages
+from bench.inserter_learning import gold_text_passages, served, val_questions
 from bench.inserter_training import hardware
 from bench.job_load import git_commit
+from services.client import Client
 from services.common.db import session_scope
 from services.common.embedding import get_embedder
 from services.common.llm import LocalChatModel
@@ -39,8 +44,10 @@ from services.common.vectors import QueryVectors
 from services.inserter.core import insert
 from services.inserter.registry import download_checkpoint
 from services.jobs.status import percentile
+from services.trainer.core import TrainConfig
 from services.trainer.data import build_examples
 from services.trainer.evaluation import example_inputs
+from services.trainer.runs import register_model
 
 
 class Timed:
@@ -63,6 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="passes over the examples (the first warms caches)")
     parser.add_argument("--lookup", type=int, default=PROMPT_LOOKUP_TOKENS, help="prompt lookup tokens (on)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: as an inserter worker of `m2io up`)")
+    parser.add_argument("--end-to-end", metavar="NAME", help="register the model as NAME and serve held-out questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/inserter_serving.json"))
     args = parser.parse_args()
@@ -147,9 +155,24 @@ def main() -> None:
         "forward_passes_p50": statistics.median(t[3] for t in tokens),
         "one_pass_plans": f"{sum(t[3] == 1 for t in tokens)}/{len(tokens)}",
     }
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(args.corpus, report, folder, args.end_to_end)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
+
+
+def end_to_end(corpus: str, report, folder: Path, name: str) -> dict[str, Any]:
+    """The held-out documents' questions served with `rule` and with the model registered as `name`."""
+    registered = register_model(None, TrainConfig(collection=corpus, name=name), folder, {"bench": "inserter_serving"})
+    questions, count = val_questions(corpus, {e.doc_key for e in report.split("val")}, Path(tempfile.mkdtemp()))
+    client = Client()
+    rows = {"questions": count}
+    for inserter in ("rule", f"checkpoint:{registered}"):
+        metrics = served(client, corpus, questions, inserter)
+        keys = ("image_f1", "ordering", "position_accuracy", "parse_rate", "seconds_per_plan", "failed")
+        rows[inserter] = {key: metrics.get(key) for key in keys}
+    return rows
 
 
 if __name__ == "__main__":
