@@ -93,7 +93,7 @@ def main() -> None:
     }
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     generation: dict[str, list[float]] = {name: [] for name in settings}
-    tokens: list[tuple[int, int, int]] = []
+    tokens: list[tuple[int, int, int, int | None]] = []  # prompt, plan, kept prompt tokens; forward passes
     timed = Timed(model)
     plans: dict[str, dict[str, Any]] = {name: {} for name in settings}
     embedder = get_embedder()
