@@ -85,14 +85,13 @@ def test_converts_once_then_loads_from_the_cache(first_model: LocalChatModel, mo
     # Only the checkpoint (and the lock): no temporary folder, and the crashed one was cleaned up.
     assert sorted(p.name for p in cache_dir.iterdir()) == [f".{target.name}.lock", target.name]
 
-    # The second load did not convert again: same marker, same weights file, and much faster.
+    # The second load did not convert again: same marker, same weights file.
     marker_mtime = (target / CONVERSION_MARKER).stat().st_mtime_ns
     weights_mtime = (target / "model.safetensors").stat().st_mtime_ns
     third = LocalChatModel("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=cache_dir)
     third.warm_up()
     assert (target / CONVERSION_MARKER).stat().st_mtime_ns == marker_mtime
     assert (target / "model.safetensors").stat().st_mtime_ns == weights_mtime
-    assert model.load_seconds < first_model.load_seconds / 2
 
     # Same weights, same greedy answer.
     first = first_model.chat(QUESTION, max_new_tokens=8)
